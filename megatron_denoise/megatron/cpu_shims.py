@@ -1,0 +1,542 @@
+"""Every CUDA-only workaround megatron-core 0.16.1 needs on a CPU torch build, in one place.
+
+megatron-core assumes a GPU in a handful of spots even when every tensor lives on the CPU. Each
+shim below is a small named function that patches exactly one such spot, documented with the
+place it was hit (0.16.1 line numbers). They are applied only when no GPU is present
+(`apply_cpu_shims()` is a no-op with CUDA) and every patch is reversible, so that the test suite
+can remove one shim and show that megatron-core still needs it.
+
+Patches are of two kinds:
+- module attribute replacements (a megatron function swapped for a CPU-correct twin), and
+- stand-ins for `torch.cuda.*` entry points that would raise "Torch not compiled with CUDA" on a
+  CPU build (current_device, streams, events, synchronize). Replacing them changes only calls
+  that would otherwise crash.
+
+Nothing here is imported by the pure algorithm layers; megatron is imported lazily inside the
+shim functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# patch bookkeeping
+
+
+@dataclass
+class _Patch:
+    target: Any
+    attr: str
+    original: Any
+
+
+@dataclass
+class Shim:
+    name: str
+    doc: str
+    install: Callable[[], list]  # returns the list of _Patch it made
+    patches: list = field(default_factory=list)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.patches)
+
+
+def _set(target: Any, attr: str, value: Any) -> _Patch:
+    """Replace `target.attr` with `value` and remember the original."""
+    original = target.__dict__[attr] if isinstance(target, type) else getattr(target, attr)
+    setattr(target, attr, value)
+    return _Patch(target, attr, original)
+
+
+def _mod(name: str):
+    return importlib.import_module(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. RNG tracker on the CPU generator
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's CudaRNGStatesTracker that forks the CPU default generator.
+
+    megatron's tracker (tensor_parallel/random.py:230-277) calls torch.cuda.get_rng_state /
+    set_rng_state; attention forks the tracker around dropout even when dropout is 0, so the
+    tracker is on the forward path of every model. States are CPU ByteTensors from
+    torch.get_rng_state().
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = kwargs.get("is_inference_rng_tracker", False)
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig_state = torch.get_rng_state()
+        orig_name = self._current_state_name
+        if orig_name != "default-rng":
+            self.states_[orig_name] = orig_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if orig_name != "default-rng":
+                orig_state = self.states_[orig_name]
+            torch.set_rng_state(orig_state)
+            self._current_state_name = orig_name
+
+
+def shim_rng_tracker() -> list:
+    """Make megatron's global RNG tracker a CpuRNGStatesTracker (random.py:_CUDA_RNG_STATE_TRACKER)
+    and the cuda-state helpers read/write the CPU generator (random.py:41-110, used by
+    checkpoint RNG capture `_get_all_rng_states`)."""
+    random = _mod("megatron.core.tensor_parallel.random")
+    patches = [_set(random, "CudaRNGStatesTracker", CpuRNGStatesTracker)]
+    patches.append(_set(random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
+    patches.append(_set(random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
+    # force the next get_cuda_rng_tracker() to build the (now CPU) tracker class
+    patches.append(_set(random, "_CUDA_RNG_STATE_TRACKER", None))
+    patches.append(_set(random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False))
+    return patches
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. torch.cuda.current_device / 4. streams, events, synchronize
+
+
+class _NullStream:
+    """A CUDA stream stand-in: every operation is already ordered on the CPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_NullEvent":
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _NullEvent:
+    """A CUDA event stand-in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+_NULL_STREAM = _NullStream()
+
+
+def shim_cuda_current_device() -> list:
+    """`torch.cuda.current_device()` returns the CPU device: megatron allocates buffers with
+    `device=torch.cuda.current_device()` (router.py:169-198, experts.py:184, optimizer.py:1141,
+    p2p_communication.py:190-321, async_utils.py:165, rotary_pos_embedding.py:162...)."""
+    return [_set(torch.cuda, "current_device", lambda: torch.device("cpu"))]
+
+
+def shim_cuda_streams() -> list:
+    """Streams, events and synchronize become no-ops: the MoE alltoall dispatcher's DtoH side
+    stream (token_dispatcher.py:445, 871-874), pipeline p2p (p2p_communication.py:398) and the
+    checkpoint writer (async_utils.py:212, filesystem_async.py:230) use them."""
+    return [
+        _set(torch.cuda, "Stream", _NullStream),
+        _set(torch.cuda, "Event", _NullEvent),
+        _set(torch.cuda, "current_stream", lambda *a, **k: _NULL_STREAM),
+        _set(torch.cuda, "default_stream", lambda *a, **k: _NULL_STREAM),
+        _set(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()),
+        _set(torch.cuda, "synchronize", lambda *a, **k: None),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. hard-coded device="cuda"
+
+
+class _CpuDeviceTorch:
+    """A view of the `torch` module whose tensor factories map device="cuda" to the CPU.
+
+    Installed as the `torch` global of one megatron module only, so that code such as
+    `torch.zeros([], dtype=torch.int, device="cuda")` (schedules.py:596, 983, 2138) allocates on
+    the CPU while every other attribute is the real torch.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
+                  "empty_like", "full_like", "rand", "randn")
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name in self._FACTORIES:
+            def factory(*args: Any, **kwargs: Any) -> Any:
+                dev = kwargs.get("device")
+                if dev is not None and str(dev).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return attr(*args, **kwargs)
+            return factory
+        return attr
+
+
+def shim_schedule_device() -> list:
+    """pipeline_parallel/schedules.py allocates `total_num_tokens` with device="cuda" in all three
+    schedules (596, 983, 2138): give that module a torch whose factories map cuda -> cpu."""
+    schedules = _mod("megatron.core.pipeline_parallel.schedules")
+    return [_set(schedules, "torch", _CpuDeviceTorch(torch))]
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """[sq, sq] bool, True above the diagonal (masked), on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_sliding_window_mask(sq: int, skv: int, window_size: Any) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+    return ~ml
+
+
+def shim_causal_mask() -> list:
+    """The local attention's default causal mask is built with device="cuda"
+    (transformer/utils.py:35, 40; used by fusions/fused_softmax.py:322-327 when no explicit mask
+    is passed)."""
+    fs = _mod("megatron.core.fusions.fused_softmax")
+    ut = _mod("megatron.core.transformer.utils")
+    return [
+        _set(fs, "get_default_causal_mask", _cpu_causal_mask),
+        _set(fs, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
+        _set(ut, "get_default_causal_mask", _cpu_causal_mask),
+        _set(ut, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. MoE without Transformer Engine
+
+
+def shim_moe_router_gemm() -> list:
+    """moe_utils.py references `te_general_gemm` (1192, 1225) that is only defined when Transformer
+    Engine imports: without TE the router's fp32 gemm raises NameError. Define it as None, which
+    selects the torch.mm fallback."""
+    moe_utils = _mod("megatron.core.transformer.moe.moe_utils")
+    if "te_general_gemm" in moe_utils.__dict__:
+        return []
+    moe_utils.te_general_gemm = None
+    return [_Patch(moe_utils, "te_general_gemm", _MISSING)]
+
+
+def _cpu_move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Like moe_utils.maybe_move_tensor_to_cpu, but also converts CPU tensors to numpy when
+    asked: the alltoall dispatcher expects split sizes as host arrays afterwards."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.to("cpu")
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
+def shim_moe_split_sizes() -> list:
+    """token_dispatcher.maybe_move_tensor_to_cpu (moe_utils.py:1078, called at
+    token_dispatcher.py:876-892) only converts CUDA tensors; on the CPU the alltoall split sizes
+    stay tensors and the all-to-all rejects them."""
+    td = _mod("megatron.core.transformer.moe.token_dispatcher")
+    return [_set(td, "maybe_move_tensor_to_cpu", _cpu_move_to_cpu)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. local norm under sequence parallelism
+
+
+def shim_sequence_parallel_norm() -> list:
+    """WrappedTorchNorm (transformer/torch_norm.py:32) asserts that sequence parallelism is off;
+    MoE with TP>1 requires it. Build the norm with the flag cleared and tag its parameters
+    `.sequence_parallel = True` so finalize_model_grads all-reduces their grads over TP (each TP
+    rank saw only its sequence slice)."""
+    tn = _mod("megatron.core.transformer.torch_norm")
+    cls = tn.WrappedTorchNorm
+    original_new = cls.__dict__["__new__"]
+
+    def __new__(klass, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization="LayerNorm"):
+        if not config.sequence_parallel:
+            return original_new(klass, config, hidden_size, eps, persist_layer_norm,
+                                zero_centered_gamma, normalization)
+        config.sequence_parallel = False
+        try:
+            norm = original_new(klass, config, hidden_size, eps, persist_layer_norm,
+                                zero_centered_gamma, normalization)
+        finally:
+            config.sequence_parallel = True
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    return [_set(cls, "__new__", staticmethod(__new__))]
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. uneven all_gather / reduce_scatter on gloo
+
+
+def shim_gloo_uneven_collectives() -> list:
+    """gloo rejects all_gather/reduce_scatter with pieces of different sizes
+    (tensor_parallel/mappings.py:150, 193), which the alltoall dispatcher issues with TP x EP.
+    Pad every piece to the largest, run the even collective, and cut the padding off."""
+    mp = _mod("megatron.core.tensor_parallel.mappings")
+    orig_gather = mp._gather_along_first_dim
+    orig_rs = mp._reduce_scatter_along_first_dim
+
+    def uneven(sizes: Optional[list]) -> bool:
+        return sizes is not None and len(set(int(s) for s in sizes)) > 1
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if not uneven(output_split_sizes):
+            return orig_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        m = max(sizes)
+        padded = input_.new_zeros((m,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = orig_gather(padded.contiguous(), group, None, False)  # [world*m, ...]
+        pieces = [out[i * m: i * m + s] for i, s in enumerate(sizes)]
+        return torch.cat(pieces, dim=0)
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if not uneven(input_split_sizes):
+            return orig_rs(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in input_split_sizes]
+        m = max(sizes)
+        rank = torch.distributed.get_rank(group)
+        pieces = torch.split(input_, sizes, dim=0)
+        padded = input_.new_zeros((m * len(sizes),) + tuple(input_.shape[1:]))
+        for i, piece in enumerate(pieces):
+            padded[i * m: i * m + piece.shape[0]] = piece
+        out = orig_rs(padded, group, None, False)  # [m, ...]
+        return out[: sizes[rank]].contiguous()
+
+    return [_set(mp, "_gather_along_first_dim", gather),
+            _set(mp, "_reduce_scatter_along_first_dim", reduce_scatter)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Tensor.type() string checks in the optimizer
+
+
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any):
+    """Tensor.type() that reports 'torch.cuda.XTensor' for CPU tensors (only while a wrapped
+    optimizer function runs); with arguments it is the real Tensor.type."""
+    if dtype is not None or kw:
+        return _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kw)
+    name = _REAL_TENSOR_TYPE(self)
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        name = "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _REAL_TENSOR_TYPE
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+    return wrapper
+
+
+def shim_optimizer_type_checks() -> list:
+    """The optimizers sort parameters by `Tensor.type()` strings that only exist on CUDA
+    (distrib_optimizer.py:361, 420, 582 in _build_model_and_main_param_groups; optimizer.py:671,
+    690 in Float16OptimizerWithFloat16Params.__init__; clip_grads.py:167 in
+    clip_grad_by_total_norm_fp32). While exactly those functions run, Tensor.type() reports the
+    CUDA name of the same dtype."""
+    do = _mod("megatron.core.optimizer.distrib_optimizer")
+    op = _mod("megatron.core.optimizer.optimizer")
+    cg = _mod("megatron.core.optimizer.clip_grads")
+    patches = []
+    build = do.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+    patches.append(_set(do.DistributedOptimizer, "_build_model_and_main_param_groups",
+                        staticmethod(_with_cuda_type_names(build.__func__))))
+    init = op.Float16OptimizerWithFloat16Params.__dict__["__init__"]
+    patches.append(_set(op.Float16OptimizerWithFloat16Params, "__init__", _with_cuda_type_names(init)))
+    clip = _with_cuda_type_names(cg.clip_grad_by_total_norm_fp32)
+    patches.append(_set(cg, "clip_grad_by_total_norm_fp32", clip))
+    for mod in (op, do):
+        if "clip_grad_by_total_norm_fp32" in mod.__dict__:
+            patches.append(_set(mod, "clip_grad_by_total_norm_fp32", clip))
+    return patches
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. loading a distributed-optimizer checkpoint
+
+
+def shim_distopt_load() -> list:
+    """Loading the distributed optimizer's sharded state (distrib_optimizer.py
+    load_parameter_state_from_dp_reshardable) copies into leaf main params that require grad, and
+    torch AdamW then shares one `step` tensor between all parameters. On load: copy under
+    no_grad, and give each parameter its own `step` tensor afterwards (otherwise AdamW increments
+    a shared step once per parameter and the second step after resume diverges)."""
+    do = _mod("megatron.core.optimizer.distrib_optimizer")
+    cls = do.DistributedOptimizer
+    orig_load = cls.__dict__["load_state_dict"]
+
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            orig_load(self, state_dict)
+        inner = self.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st is not None and "step" in st and torch.is_tensor(st["step"]):
+                    st["step"] = st["step"].detach().clone()
+    return [_set(cls, "load_state_dict", load_state_dict)]
+
+
+# ------------------------------------------------------------------------------------------------
+# registry
+
+_MISSING = object()
+
+SHIMS: dict[str, Shim] = {
+    s.name: s
+    for s in (
+        Shim("rng_tracker", shim_rng_tracker.__doc__ or "", shim_rng_tracker),
+        Shim("cuda_current_device", shim_cuda_current_device.__doc__ or "", shim_cuda_current_device),
+        Shim("cuda_streams", shim_cuda_streams.__doc__ or "", shim_cuda_streams),
+        Shim("schedule_device", shim_schedule_device.__doc__ or "", shim_schedule_device),
+        Shim("causal_mask", shim_causal_mask.__doc__ or "", shim_causal_mask),
+        Shim("moe_router_gemm", shim_moe_router_gemm.__doc__ or "", shim_moe_router_gemm),
+        Shim("moe_split_sizes", shim_moe_split_sizes.__doc__ or "", shim_moe_split_sizes),
+        Shim("sequence_parallel_norm", shim_sequence_parallel_norm.__doc__ or "", shim_sequence_parallel_norm),
+        Shim("gloo_uneven_collectives", shim_gloo_uneven_collectives.__doc__ or "", shim_gloo_uneven_collectives),
+        Shim("optimizer_type_checks", shim_optimizer_type_checks.__doc__ or "", shim_optimizer_type_checks),
+        Shim("distopt_load", shim_distopt_load.__doc__ or "", shim_distopt_load),
+    )
+}
+
+
+def needs_cpu_shims() -> bool:
+    """True when megatron must run without CUDA."""
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_shims(exclude: tuple[str, ...] = (), force: bool = False) -> list[str]:
+    """Apply every shim not yet applied (idempotent) when no GPU is present.
+
+    Returns the names of all shims currently applied. `exclude` leaves named shims off (tests
+    use it to show a shim is still needed); `force` applies them even with CUDA (never needed
+    in practice).
+    """
+    unknown = set(exclude) - set(SHIMS)
+    if unknown:
+        raise KeyError(f"unknown cpu shim(s) {sorted(unknown)}; known: {sorted(SHIMS)}")
+    if needs_cpu_shims() or force:
+        for name, shim in SHIMS.items():
+            if name not in exclude and not shim.applied:
+                shim.patches = shim.install()
+                if not shim.patches:  # nothing to patch (already fine): remember it ran
+                    shim.patches = [_Patch(None, "", None)]
+    return applied_shims()
+
+
+def applied_shims() -> list[str]:
+    return [name for name, shim in SHIMS.items() if shim.applied]
+
+
+def remove_cpu_shim(name: str) -> None:
+    """Undo one shim (tests only): restore every attribute it replaced."""
+    shim = SHIMS[name]
+    for p in reversed(shim.patches):
+        if p.target is None:
+            continue
+        if p.original is _MISSING:
+            delattr(p.target, p.attr)
+        else:
+            setattr(p.target, p.attr, p.original)
+    shim.patches = []
+
+
+@contextlib.contextmanager
+def without_shim(name: str):
+    """Run a block with one shim removed, re-applying it afterwards."""
+    was = SHIMS[name].applied
+    remove_cpu_shim(name)
+    try:
+        yield
+    finally:
+        if was:
+            shim = SHIMS[name]
+            shim.patches = shim.install() or [_Patch(None, "", None)]
