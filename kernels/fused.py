@@ -126,7 +126,7 @@ def fused_policy_loss(
     if grad_mode == "recompute" or not needs_grad:
         logp, ent = vocab_parallel_logprobs(hidden, weight_shard, vocab_start, targets, vocab_size=vocab_size,
                                             entropy=need_entropy, tp_group=tp_group, impl=name,
-                                            reduce_grad_hidden=reduce_grad_hidden)
+                                            reduce_grad_hidden=reduce_grad_hidden, chunk_tokens=chunk_tokens)
         loss, metrics = policy_loss(
             logp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             force_on_policy=force_on_policy, loss_agg=agg, global_num_tokens=global_tokens,

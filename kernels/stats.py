@@ -81,3 +81,15 @@ def local_vocab_bounds(vocab_start: int, shard_rows: int, vocab_size: Optional[i
     if vocab_size is None:
         return shard_rows
     return max(0, min(shard_rows, vocab_size - vocab_start))
+
+
+def combine_shard_list(shards: list[ShardStats]) -> TokenStats:
+    """The TP combine done in one process over every shard's stats (the same arithmetic as the
+    all-reduces in `combine_stats`): for emulating tensor parallelism in tests and tools."""
+    m = torch.stack([s.max for s in shards]).amax(0)
+    scales = [torch.exp(s.max - m) for s in shards]
+    total = ShardStats(max=m,
+                       sumexp=sum(s.sumexp * c for s, c in zip(shards, scales)),
+                       sum_pz=sum(s.sum_pz * c for s, c in zip(shards, scales)),
+                       target=sum(s.target for s in shards))
+    return combine_stats(total, None)

@@ -87,7 +87,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 def vocab_parallel_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int,
                             targets: torch.Tensor, *, vocab_size: Optional[int] = None, entropy: bool = True,
                             tp_group: Optional[Any] = None, impl: str = "auto",
-                            reduce_grad_hidden: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                            reduce_grad_hidden: bool = True, chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token (log-probs [T], entropy [T] or None), differentiable w.r.t. hidden and weight_shard.
 
     hidden [T, H]; weight_shard [V_local, H] holding global vocab rows vocab_start.. (padded rows at
@@ -96,7 +96,7 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, vo
     reduce_grad_hidden: all-reduce dL/dhidden over tp_group in backward (turn off when the caller's
     region function already does it, e.g. Megatron's copy_to_tensor_model_parallel_region).
     impl: auto | triton | chunked | chunked_compiled (see dispatch.py; `reference` is not a
-    kernel: use reference.py).
+    kernel: use reference.py). chunk_tokens: tokens per logits block of the chunked path.
     """
     from .dispatch import resolve_impl
 
@@ -104,7 +104,8 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, vo
     if name == "reference":
         raise ValueError("impl='reference' has no phase kernels: call kernels.reference directly")
     validate_inputs(hidden, weight_shard, vocab_start, targets, vocab_size)
-    backend = _Backend("triton" if name == "triton" else "chunked", compiled=(name == "chunked_compiled"))
+    backend = _Backend("triton" if name == "triton" else "chunked", compiled=(name == "chunked_compiled"),
+                       chunk_tokens=chunk_tokens)
     logp, ent = _VocabParallelLogProbs.apply(hidden, weight_shard, targets, int(vocab_start), vocab_size,
                                              bool(entropy), tp_group, backend, bool(reduce_grad_hidden))
     return logp, (ent if entropy else None)
