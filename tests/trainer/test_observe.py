@@ -242,3 +242,77 @@ def test_progress_rich_bar_renders():
     p.close()
     text = out.getvalue()
     assert "3/3" in text and "reward 0.750" in text and "recovery 0.500" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# plot.py and launch/plot.py
+# ---------------------------------------------------------------------------------------------
+
+def _synthetic_run(run_dir, steps=20, reward_slope=0.02, k0=False):
+    with MetricsLogger(run_dir, tensorboard=False) as log:
+        for s in range(1, steps + 1):
+            m = {"reward_mean": 0.2 + reward_slope * s, "accuracy": 0.1 + reward_slope * s,
+                 "main_accuracy": 0.3 + 0.01 * s, "denoise_accuracy": math.nan if k0 else 0.1 + 0.02 * s,
+                 "recovery_rate": math.nan if k0 else 0.1 + 0.02 * s,
+                 "continuation_length_mean": 300.0 - 5 * s, "folded_length_mean": 340.0 - 5 * s,
+                 "prefix_length_mean": 40.0,
+                 "time/generate": 6.0, "time/reward": 0.5, "time/train": 3.0, "time/refit": 0.4,
+                 "time/step": 10.5}
+            if s % 2 == 0:
+                m["time/old_logprob"] = 0.6  # a phase that is absent on some steps
+            log.log(s, m)
+            if s % 10 == 0:
+                log.log(s, {"val/math500/avg@1": 0.25 + 0.01 * s, "val/overall": 0.2 + 0.01 * s})
+
+
+def _rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int32)
+
+
+def test_plot_command_writes_curves(tmp_path, capsys):
+    from megatron_denoise.launch.plot import main
+    from megatron_denoise.trainer.plot import PANELS, plot_run
+
+    run = tmp_path / "run"
+    _synthetic_run(run)
+    assert main([str(run)]) == 0
+    out = capsys.readouterr().out
+    plots = run / "plots"
+    names = {"reward", "accuracy", "recovery_rate", "lengths", "step_time", "validation", "overview"}
+    assert {p.stem for p in plots.glob("*.png")} == names
+    assert "skipped entropy.png" in out and "wrote " + str(plots / "reward.png") in out
+    for n in names - {"overview"}:
+        img = _rgb(plots / f"{n}.png")
+        assert img.shape == (400, 640, 3), n  # figsize 6.4 x 4.0 in at 100 dpi
+        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20, n  # not a blank canvas
+    assert _rgb(plots / "overview.png").shape == (640, 1536, 3)  # 3 x 2 grid of 6 panels
+
+    # the first curve is drawn in matplotlib's first colour (#1f77b4)
+    blue = np.all(np.abs(_rgb(plots / "reward.png") - [31, 119, 180]) < 30, axis=-1)
+    assert blue.sum() > 200
+    # different metrics give different pictures
+    assert not np.array_equal(_rgb(plots / "reward.png"), _rgb(plots / "recovery_rate.png"))
+    # the picture follows the data: a flat reward changes reward.png and leaves lengths.png as is
+    run2 = tmp_path / "run2"
+    _synthetic_run(run2, reward_slope=0.0)
+    plot_run(run2, panels=[p for p in PANELS if p.name in ("reward", "lengths")], overview=False)
+    assert not np.array_equal(_rgb(plots / "reward.png"), _rgb(run2 / "plots" / "reward.png"))
+    assert np.array_equal(_rgb(plots / "lengths.png"), _rgb(run2 / "plots" / "lengths.png"))
+
+
+def test_plot_skips_missing_and_all_nan_metrics(tmp_path, capsys):
+    from megatron_denoise.launch.plot import main
+    from megatron_denoise.trainer.plot import plot_run
+
+    run = tmp_path / "k0"
+    _synthetic_run(run, steps=5, k0=True)  # K = 0: recovery rate and denoise accuracy are NaN
+    res = plot_run(run)
+    stems = {p.stem for p in res.written}
+    assert "recovery_rate" not in stems and "entropy" not in stems and "accuracy" in stems
+    assert any("recovery_rate.png" in n and "no finite values" in n for n in res.notes)
+    assert any(n.startswith("accuracy.png") and "denoise_accuracy" in n for n in res.notes)
+    # no metrics file: a clear error and exit code 2
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no metrics file" in capsys.readouterr().err
