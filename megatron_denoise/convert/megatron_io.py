@@ -153,8 +153,9 @@ def check_hf_folder(reader: HFReader, table: NameTable) -> None:
 
 
 def load_hf_into_megatron(models: Sequence[Any], hf: "str | HFReader", cfg: ModelConfig,
-                          shard: Optional[ShardInfo] = None) -> LoadReport:
-    """Fill this rank's model chunks from a Hugging Face folder; only this rank's slices are read."""
+                          shard: Optional[ShardInfo] = None, on_tensor=None) -> LoadReport:
+    """Fill this rank's model chunks from a Hugging Face folder; only this rank's slices are read.
+    ``on_tensor(name, nbytes)`` is called after each parameter (progress bars)."""
     shard = shard or ShardInfo()
     reader = hf if isinstance(hf, HFReader) else HFReader(hf)
     table = NameTable(cfg)
@@ -176,6 +177,8 @@ def load_hf_into_megatron(models: Sequence[Any], hf: "str | HFReader", cfg: Mode
             report.tensors += 1
             report.bytes_read += nbytes
             report.names.append(canon)
+            if on_tensor is not None:
+                on_tensor(canon, nbytes)
     return report
 
 

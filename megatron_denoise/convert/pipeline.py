@@ -86,10 +86,16 @@ def _state_dict_for(models: Sequence[Any], metadata: Optional[dict] = None) -> d
     return {f"model{i}": unwrap(m).sharded_state_dict(metadata=metadata) for i, m in enumerate(models)}
 
 
+def refuse_existing(folder: str, overwrite: bool) -> None:
+    """Raise unless ``folder`` is absent, empty, or may be replaced. Called on every rank before
+    any collective, so that a refusal cannot leave other ranks waiting."""
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
 def _prepare_out(folder: str, overwrite: bool) -> None:
+    refuse_existing(folder, overwrite)
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        if not overwrite:
-            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(folder) if os.path.isdir(folder) else os.remove(folder)
 
 
@@ -105,7 +111,7 @@ class ImportSummary:
 
 
 def build_and_load(hf_dir: str, groups: Any, cfg: Optional[ModelConfig] = None,
-                   build_opts: Any = None) -> tuple[list, ModelConfig, Any]:
+                   build_opts: Any = None, on_tensor=None) -> tuple[list, ModelConfig, Any]:
     """Model chunks of this rank filled from ``hf_dir``. ``cfg`` (a run's model config) must
     describe the same model as the folder's config.json."""
     from megatron_denoise.convert.megatron_io import load_hf_into_megatron, shard_info
@@ -117,7 +123,7 @@ def build_and_load(hf_dir: str, groups: Any, cfg: Optional[ModelConfig] = None,
     else:
         cfg = hf_cfg
     models = build_model(cfg, groups, build_opts)
-    report = load_hf_into_megatron(models, hf_dir, cfg, shard_info(groups))
+    report = load_hf_into_megatron(models, hf_dir, cfg, shard_info(groups), on_tensor=on_tensor)
     return models, cfg, report
 
 
@@ -129,23 +135,30 @@ def save_dist_checkpoint(models: Sequence[Any], ckpt_dir: str) -> None:
 
 
 def import_hf_to_dist_checkpoint(hf_dir: str, ckpt_dir: str, groups: Any, cfg: Optional[ModelConfig] = None,
-                                 overwrite: bool = False, build_opts: Any = None) -> ImportSummary:
+                                 overwrite: bool = False, build_opts: Any = None,
+                                 on_tensor=None) -> ImportSummary:
     """HF folder -> megatron-core distributed checkpoint, in the layout of ``groups``. Call on
     every rank."""
     import torch.distributed as dist
 
+    refuse_existing(ckpt_dir, overwrite)
+    dist.barrier()
     if groups.rank == 0:
         _prepare_out(ckpt_dir, overwrite)
     dist.barrier()
-    models, cfg, report = build_and_load(hf_dir, groups, cfg, build_opts)
+    models, cfg, report = build_and_load(hf_dir, groups, cfg, build_opts, on_tensor)
     save_dist_checkpoint(models, ckpt_dir)
     if groups.rank == 0:
         write_json(os.path.join(ckpt_dir, SIDECAR),
                    {"model": model_config_to_dict(cfg), "source_hf": os.path.abspath(hf_dir),
                     "layout": dataclasses.asdict(groups.layout) if dataclasses.is_dataclass(groups.layout) else None})
     dist.barrier()
-    totals = [report.tensors, report.bytes_read]
-    return ImportSummary(ckpt_dir, totals[0], totals[1], cfg)
+    # totals over all ranks (each rank read only its slices)
+    import torch
+
+    totals = torch.tensor([report.tensors, report.bytes_read], dtype=torch.int64)
+    dist.all_reduce(totals)
+    return ImportSummary(ckpt_dir, int(totals[0]), int(totals[1]), cfg)
 
 
 def load_dist_checkpoint(ckpt_dir: str, groups: Any, cfg: ModelConfig, build_opts: Any = None) -> list:
@@ -242,10 +255,7 @@ def export_dist_checkpoint_to_hf(ckpt_dir: str, out_dir: str, groups: Any, cfg: 
                                  build_opts: Any = None) -> Optional[ExportSummary]:
     """Distributed checkpoint (any layout) -> HF folder. Call on every rank of ``groups``; rank 0
     writes and returns the summary (others return None)."""
-    import torch.distributed as dist
-
-    from megatron_denoise.convert.megatron_io import megatron_to_hf
-
+    refuse_existing(out_dir, overwrite)
     side = read_sidecar(ckpt_dir) or {}
     if cfg is None:
         if "model" in side:
@@ -259,12 +269,27 @@ def export_dist_checkpoint_to_hf(ckpt_dir: str, out_dir: str, groups: Any, cfg: 
         check_same_model(cfg, model_config_from_hf(read_hf_config(source_hf)), "checkpoint model config",
                          os.path.join(source_hf, "config.json"))
     models = load_dist_checkpoint(ckpt_dir, groups, cfg, build_opts)
+    return export_models_to_hf(models, cfg, groups, out_dir, source_hf, overwrite, max_shard_bytes, dtype, on_tensor)
+
+
+def export_models_to_hf(models: Sequence[Any], cfg: ModelConfig, groups: Any, out_dir: str,
+                        source_hf: Optional[str] = None, overwrite: bool = False,
+                        max_shard_bytes: int = 2 * 1024 ** 3, dtype: Any = None,
+                        on_tensor: Optional[Callable[[str, int], None]] = None) -> Optional[ExportSummary]:
+    """In-memory model chunks (any layout) -> HF folder. Call on every rank; rank 0 writes and
+    returns the summary, the others take part in the gathers and return None."""
+    import torch.distributed as dist
+
+    from megatron_denoise.convert.megatron_io import megatron_to_hf
+
+    refuse_existing(out_dir, overwrite)
     named = megatron_to_hf(models, cfg, groups)
-    if groups.rank == 0:
+    if groups is None or groups.rank == 0:
         summary = write_hf_folder(named, out_dir, cfg, source_hf, overwrite, max_shard_bytes, dtype, on_tensor)
     else:
         for _ in named:  # take part in the collectives
             pass
         summary = None
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     return summary
