@@ -229,7 +229,7 @@ class _CpuDeviceTorch:
     """
 
     _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
-                  "empty_like", "full_like", "rand", "randn")
+                  "empty_like", "full_like", "rand", "randn", "eye", "as_tensor")
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -246,37 +246,28 @@ class _CpuDeviceTorch:
         return attr
 
 
-def shim_schedule_device() -> list:
-    """pipeline_parallel/schedules.py allocates `total_num_tokens` with device="cuda" in all three
-    schedules (596, 983, 2138): give that module a torch whose factories map cuda -> cpu."""
-    schedules = _mod("megatron.core.pipeline_parallel.schedules")
-    return [_set(schedules, "torch", _CpuDeviceTorch(torch))]
+# megatron modules that allocate with a hard-coded device="cuda" on paths the actor runs
+_CUDA_STRING_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",      # 596, 983, 2138 total_num_tokens
+    "megatron.core.optimizer.optimizer",              # 473-485, 907 found_inf / _scale
+    "megatron.core.optimizer.clip_grads",             # 90, 103, 115, 174, 207
+    "megatron.core.optimizer.grad_scaler",            # 15, 88-94 (fp16 only)
+    "megatron.core.transformer.utils",                # 35, 40 default causal / sliding masks
+    "megatron.core.transformer.moe.moe_utils",        # 998 aux-loss tracker
+    "megatron.core.distributed.param_and_grad_buffer",  # 768
+    "megatron.core.utils",                            # 1207 l2 norm
+    "megatron.core.rerun_state_machine",              # 261, 265
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # 204
+    "megatron.core.dist_checkpointing.exchange_utils",  # 104, 110, 326
+)
 
 
-def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    """[sq, sq] bool, True above the diagonal (masked), on the CPU."""
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-
-def _cpu_sliding_window_mask(sq: int, skv: int, window_size: Any) -> torch.Tensor:
-    m = torch.ones(sq, skv, dtype=torch.bool)
-    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
-    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
-    return ~ml
-
-
-def shim_causal_mask() -> list:
-    """The local attention's default causal mask is built with device="cuda"
-    (transformer/utils.py:35, 40; used by fusions/fused_softmax.py:322-327 when no explicit mask
-    is passed)."""
-    fs = _mod("megatron.core.fusions.fused_softmax")
-    ut = _mod("megatron.core.transformer.utils")
-    return [
-        _set(fs, "get_default_causal_mask", _cpu_causal_mask),
-        _set(fs, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
-        _set(ut, "get_default_causal_mask", _cpu_causal_mask),
-        _set(ut, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
-    ]
+def shim_cuda_device_strings() -> list:
+    """Tensors allocated with a hard-coded device="cuda" (schedules.py:596, 983, 2138;
+    optimizer.py:907; clip_grads.py:90-207; transformer/utils.py:35 default causal mask;
+    state_dict_saver.py:204; ...): give exactly those megatron modules a `torch` whose factories
+    map cuda -> cpu (`_CpuDeviceTorch`)."""
+    return [_set(_mod(name), "torch", _CpuDeviceTorch(torch)) for name in _CUDA_STRING_MODULES]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,8 +467,7 @@ SHIMS: dict[str, Shim] = {
         Shim("rng_tracker", shim_rng_tracker.__doc__ or "", shim_rng_tracker),
         Shim("cuda_current_device", shim_cuda_current_device.__doc__ or "", shim_cuda_current_device),
         Shim("cuda_streams", shim_cuda_streams.__doc__ or "", shim_cuda_streams),
-        Shim("schedule_device", shim_schedule_device.__doc__ or "", shim_schedule_device),
-        Shim("causal_mask", shim_causal_mask.__doc__ or "", shim_causal_mask),
+        Shim("cuda_device_strings", shim_cuda_device_strings.__doc__ or "", shim_cuda_device_strings),
         Shim("moe_router_gemm", shim_moe_router_gemm.__doc__ or "", shim_moe_router_gemm),
         Shim("moe_split_sizes", shim_moe_split_sizes.__doc__ or "", shim_moe_split_sizes),
         Shim("sequence_parallel_norm", shim_sequence_parallel_norm.__doc__ or "", shim_sequence_parallel_norm),

@@ -1,0 +1,331 @@
+"""The Megatron actor: policy log-probs and GRPO/DAPO updates through megatron-core's schedules.
+
+    actor = MegatronActor(cfg, groups)            # groups = parallel_state.initialize(layout, ...)
+    logp, ent = actor.compute_logprobs(batch)     # [rows, W] each, identical on every rank
+    metrics = actor.train_step(batch)             # one optimizer update on the whole batch
+    metrics = actor.update(batch)                 # ppo_epochs x mini_batches updates (PPO path
+                                                  # recomputes old log-probs first)
+
+Every rank receives the same whole `ActorBatch`; the actor takes its data-parallel share
+(token-balanced rows), packs it into micro-batches of at most `trainer.micro_batch_tokens`
+tokens, and runs megatron-core's forward/backward schedule: no pipelining, 1F1B, or interleaved
+1F1B with virtual stages, chosen by megatron from the layout.
+
+Loss normalisation is GLOBAL: before the schedule, the loss-token and sequence counts of the
+rows each DP rank owns are all-reduced, and every micro-batch's loss is its share of the whole
+batch's loss (megatron_denoise.core.losses.policy_loss with global denominators). megatron then
+SUMS gradients over data-parallel (and context-parallel) ranks (calculate_per_token_loss=True,
+no rescaling in finalize_model_grads), so the update does not depend on how the batch is split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_denoise.config.schema import AlgorithmConfig, Config, OptimizerConfig
+from megatron_denoise.megatron import batching
+from megatron_denoise.megatron.batching import ActorBatch, MicroBatch
+from megatron_denoise.megatron.logprobs import (
+    enable_hidden_output,
+    logprobs_from_hidden,
+    policy_loss_from_hidden,
+    set_hidden_output,
+)
+from megatron_denoise.megatron.model import BuildOptions, build_model, unwrap
+
+
+@dataclass
+class ActorOptions:
+    """Actor settings that are not in the run config."""
+
+    loss_impl: str = "torch"          # torch | fused (megatron_denoise.kernels)
+    build: BuildOptions = field(default_factory=BuildOptions)
+    total_steps_for_schedule: Optional[int] = None  # LR decay horizon (default trainer.total_steps)
+
+
+def _ddp_config(cfg: Config) -> Any:
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=bool(cfg.parallel.overlap_grad_reduce),
+        use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
+        check_for_nan_in_grad=False,  # the actor's NaN guard skips the step instead of raising
+        average_in_collective=False,
+    )
+
+
+def _megatron_optimizer_config(opt: OptimizerConfig, use_distributed_optimizer: bool, dtype: torch.dtype) -> Any:
+    from megatron.core.optimizer import OptimizerConfig as MOptConfig
+
+    if opt.name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer.name={opt.name!r} is not one of adam | sgd")
+    return MOptConfig(
+        optimizer=opt.name,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+
+
+class MegatronActor:
+    """Policy model chunks, optimizer and LR schedule of one rank."""
+
+    def __init__(self, cfg: Config, groups: Any, options: Optional[ActorOptions] = None) -> None:
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        self.groups = groups
+        self.options = options or ActorOptions()
+        layout = groups.layout
+        chunks = build_model(cfg.model, groups, self.options.build)
+        self.tf_config = chunks[0].config
+        for c in chunks:
+            if c.post_process:
+                enable_hidden_output(c, groups.tp)
+        ddp_cfg = _ddp_config(cfg)
+        self.model = [
+            DistributedDataParallel(config=self.tf_config, ddp_config=ddp_cfg, module=c,
+                                    disable_bucketing=(i > 0))
+            for i, c in enumerate(chunks)
+        ]
+        # gradients are already globally normalised by the loss: finalize must not rescale
+        self.tf_config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads(model, None)
+        if len(self.model) > 1:
+            self.tf_config.no_sync_func = [m.no_sync for m in self.model]
+        else:
+            self.tf_config.no_sync_func = self.model[0].no_sync
+        self.optimizer = get_megatron_optimizer(
+            _megatron_optimizer_config(cfg.optimizer, ddp_cfg.use_distributed_optimizer, self.tf_config.params_dtype),
+            self.model)
+        total = self.options.total_steps_for_schedule or cfg.trainer.total_steps
+        o = cfg.optimizer
+        style = {"constant": "constant", "cosine": "cosine", "linear": "linear"}.get(o.scheduler)
+        if style is None:
+            raise ValueError(f"optimizer.scheduler={o.scheduler!r} is not one of constant | cosine | linear")
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total, o.warmup_steps + 1),
+            lr_decay_style=style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(total, 1), wd_incr_style="constant")
+        self.step = 0
+        self.skipped_steps = 0
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def chunks(self) -> list:
+        """The GPTModel chunks (unwrapped)."""
+        return [unwrap(m) for m in self.model]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.chunks[0].vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.chunks[0].padded_vocab_size
+
+    def _multiple(self) -> int:
+        lay = self.groups.layout
+        return lay.tp * 2 * lay.cp if lay.cp > 1 else lay.tp
+
+    def _plan(self, batch: ActorBatch) -> list[MicroBatch]:
+        """This rank's micro-batches; S and their number agreed over the whole world."""
+        lay = self.groups.layout
+        budget = int(self.cfg.trainer.micro_batch_tokens)
+        bins, need = batching.plan_step(batch, dp=lay.dp, dp_rank=self.groups.dp_rank, budget=budget,
+                                        multiple=self._multiple())
+        sizes = torch.tensor([need, len(bins)], dtype=torch.long)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        seq_len, num_mb = int(sizes[0]), int(sizes[1])
+        if len(self.model) > 1:
+            # the interleaved schedule runs micro-batches in groups of pp per virtual stage
+            num_mb = batching.round_up(num_mb, lay.pp)
+        mbs = batching.materialise(batch, bins, seq_len, num_mb)
+        return [batching.cp_split(mb, lay.cp, self.groups.cp_rank) for mb in mbs]
+
+    def _global_counts(self, mbs: list[MicroBatch]) -> tuple[float, float]:
+        """Loss tokens and trained sequences of the whole batch (all-reduced over DP: every
+        micro-batch on every DP rank is normalised by the same two numbers)."""
+        tok = sum(float(mb.seq_num_tokens.sum()) for mb in mbs)
+        seq = sum(float((mb.seq_num_tokens > 0).sum()) for mb in mbs)
+        t = torch.tensor([tok, seq], dtype=torch.float64)
+        dist.all_reduce(t, group=self.groups.dp)
+        return float(t[0]), float(t[1])
+
+    def _iterators(self, mbs: list[MicroBatch]) -> Any:
+        if len(self.model) > 1:
+            return [iter(list(mbs)) for _ in self.model]
+        return iter(list(mbs))
+
+    def _run_schedule(self, mbs: list[MicroBatch], loss_fn: Any, forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Any, model: Any):
+            mb = next(data_iterator)
+            out = model(mb.tokens, mb.position_ids, mb.attn_mask)
+            chunk = unwrap(model)
+            return out, partial(loss_fn, mb, chunk)
+
+        fb = get_forward_backward_func()
+        lay = self.groups.layout
+        fb(forward_step_func=forward_step, data_iterator=self._iterators(mbs), model=self.model,
+           num_microbatches=len(mbs), seq_length=mbs[0].tokens.shape[1] * lay.cp, micro_batch_size=1,
+           forward_only=forward_only)
+
+    def _vocab_start(self, chunk: Any) -> int:
+        return self.groups.tp_rank * (chunk.padded_vocab_size // self.groups.layout.tp)
+
+    def _reports(self) -> bool:
+        """This rank contributes per-token results (one copy per TP group, last stage only)."""
+        return self.groups.tp_rank == 0 and self.groups.is_last_stage
+
+    # --------------------------------------------------------------------------------------------
+    def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(token t) and the entropy of the distribution that produced it, [rows, W] each,
+        token-aligned (column 0 and padding are 0). Identical on every rank."""
+        rows, w = batch.input_ids.shape
+        logp_out = torch.zeros(rows, w, dtype=torch.float64)
+        ent_out = torch.zeros(rows, w, dtype=torch.float64)
+        mbs = self._plan(batch)
+
+        def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
+            h = output.reshape(-1, output.shape[-1])                    # [S_local, H]
+            lp, en = logprobs_from_hidden(h, chunk.output_layer.loss_weight, self._vocab_start(chunk),
+                                          chunk.vocab_size, mb.targets, self.groups.tp)
+            if self._reports():
+                batching.scatter_back(lp, mb, logp_out)
+                batching.scatter_back(en, mb, ent_out)
+            zero = output.sum() * 0.0
+            return zero, torch.tensor(0, dtype=torch.int), {}
+
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            self._run_schedule(mbs, loss_fn, forward_only=True)
+        for m in self.model:
+            m.train()
+        dist.all_reduce(logp_out)
+        dist.all_reduce(ent_out)
+        return logp_out.float(), ent_out.float()
+
+    # --------------------------------------------------------------------------------------------
+    def train_step(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> dict:
+        """One optimizer update on the whole `batch` (already this step's mini-batch).
+
+        Needs batch.advantages and batch.loss_mask; batch.old_logprobs unless force_on_policy.
+        Returns metrics (floats, identical on every rank): loss, pg_loss, entropy,
+        clip_fraction, ..., grad_norm, lr, skipped (1.0 when the NaN/Inf guard dropped the
+        update), num_micro_batches, loss_tokens, step_time_s.
+        """
+        algo = algo or self.cfg.algorithm
+        if batch.advantages is None or batch.loss_mask is None:
+            raise ValueError("train_step needs batch.advantages and batch.loss_mask")
+        if not algo.force_on_policy and batch.old_logprobs is None:
+            raise ValueError("algorithm.force_on_policy=false needs batch.old_logprobs "
+                             "(use update(), which recomputes them with the actor)")
+        t0 = time.perf_counter()
+        mbs = self._plan(batch)
+        n_tok, n_seq = self._global_counts(mbs)
+        sums: dict[str, float] = {}
+
+        def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
+            h = output.reshape(-1, output.shape[-1])
+            loss, _, _, metrics = policy_loss_from_hidden(
+                h, chunk.output_layer.loss_weight, self._vocab_start(chunk), chunk.vocab_size,
+                mb.targets, mb.loss_mask, mb.advantages,
+                None if algo.force_on_policy else mb.old_logprobs,
+                tp_group=self.groups.tp, algo=algo, global_num_tokens=n_tok, global_num_seqs=n_seq,
+                seq_ids=mb.seq_ids, seq_num_tokens=mb.seq_num_tokens, ref_logprobs=mb.ref_logprobs,
+                impl=self.options.loss_impl)
+            if self._reports():
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            return loss, torch.tensor(int(mb.loss_mask.sum()), dtype=torch.int), {}
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run_schedule(mbs, loss_fn, forward_only=False)
+
+        # metric partial sums -> batch values, identical everywhere
+        keys = ["loss", "pg_loss", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl", "entropy", "kl"]
+        vec = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        dist.all_reduce(vec)
+        metrics = {k: float(v) for k, v in zip(keys, vec)}
+        if not (self.cfg.algorithm.kl.coef and batch.ref_logprobs is not None):
+            metrics.pop("kl")
+
+        # NaN/Inf guard: a non-finite loss or gradient norm skips the update
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        finite = torch.tensor([1.0 if (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])) else 0.0])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        skipped = self.cfg.trainer.nan_guard and finite.item() < 1.0
+        if skipped:
+            self.optimizer.zero_grad()
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.skipped_steps += 1
+        else:
+            ok, grad_norm_step, _ = self.optimizer.step()
+            if not ok:
+                raise RuntimeError("megatron optimizer reported an unsuccessful step")
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
+                       skipped=1.0 if skipped else 0.0, num_micro_batches=float(len(mbs)),
+                       loss_tokens=n_tok, step_time_s=time.perf_counter() - t0)
+        return metrics
+
+    def update(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> list[dict]:
+        """algorithm.ppo_epochs x algorithm.mini_batches updates on `batch` (rows split into
+        contiguous mini-batches). On the PPO path (force_on_policy false) the old log-probs are
+        recomputed by the actor first, never taken from the rollout engine."""
+        algo = algo or self.cfg.algorithm
+        if not algo.force_on_policy and batch.old_logprobs is None:
+            old, _ = self.compute_logprobs(batch)
+            batch = replace(batch, old_logprobs=old)
+        rows = batch.num_rows
+        k = max(1, int(algo.mini_batches))
+        if k > rows:
+            raise ValueError(f"algorithm.mini_batches ({k}) exceeds the rows of the batch ({rows})")
+        bounds = [round(i * rows / k) for i in range(k + 1)]
+        out = []
+        for _ in range(int(algo.ppo_epochs)):
+            for i in range(k):
+                sel = slice(bounds[i], bounds[i + 1])
+                out.append(self.train_step(_rows(batch, sel), algo))
+        return out
+
+    # --------------------------------------------------------------------------------------------
+    def set_inference_mode(self, on: bool) -> None:
+        """Logits output (for HF-parity checks and generation) instead of hidden states."""
+        for c in self.chunks:
+            set_hidden_output(c, not on)
+
+
+def _rows(batch: ActorBatch, sel: slice) -> ActorBatch:
+    def take(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x[sel]
+
+    return ActorBatch(input_ids=batch.input_ids[sel], sequence_lengths=batch.sequence_lengths[sel],
+                      loss_mask=take(batch.loss_mask), advantages=take(batch.advantages),
+                      old_logprobs=take(batch.old_logprobs), ref_logprobs=take(batch.ref_logprobs))

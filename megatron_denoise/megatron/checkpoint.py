@@ -1,0 +1,201 @@
+"""Distributed checkpoints of the actor (megatron.core.dist_checkpointing), saved atomically.
+
+Folder layout under the checkpoint root:
+
+    step_00000010/            a complete checkpoint
+        dist/                 megatron distributed checkpoint: model (+ optimizer) shards
+        meta.json             step, layout, data cursor (opaque dict from the trainer), scheduler
+        rng/rank_00000.pt     each rank's torch + tracker RNG states
+    latest                    name of the newest complete checkpoint (written last, atomically)
+    .tmp-step_00000010/       a save in progress (or one killed mid-way): ignored, removed by
+                              the next save
+
+A save writes everything into `.tmp-<name>/`, all ranks meet at a barrier, then rank 0 renames
+the folder to `<name>/` and atomically replaces `latest` (write a temp file, fsync, os.replace).
+A crash at any point before the rename leaves the previous checkpoint and `latest` untouched.
+
+Model weights reshard: the shards carry global keys and offsets, so a checkpoint saved with one
+TP/PP/VPP layout loads into another (optimizer state and RNG are restored only when the layout
+is the same; the data-parallel-reshardable optimizer format also allows another DP size).
+Scripts that save need an `if __name__ == "__main__":` guard and psutil installed (the writer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _layout_dict(layout: Any) -> dict:
+    keys = ("world_size", "tp", "pp", "vpp", "cp", "ep", "etp", "sequence_parallel")
+    return {k: getattr(layout, k, None) for k in keys}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _model_sharded_state_dict(actor: Any) -> dict:
+    chunks = actor.model
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """The commit point of a save (rank 0 only): rename the finished folder, then `latest`."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_latest(root, final.name)
+
+
+def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] = None,
+                    data_cursor: Optional[dict] = None, save_optimizer: bool = True,
+                    keep_last: Optional[int] = None) -> Path:
+    """Save the actor's model, optimizer, scheduler, RNG states, step and `data_cursor`
+    (a JSON-serialisable dict) atomically; every rank calls it. Returns the final folder."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_denoise.megatron import parallel_state as ps
+
+    root = Path(root)
+    step = actor.step if step is None else step
+    name = checkpoint_name(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # leftovers of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    dist.barrier()
+
+    state = _model_sharded_state_dict(actor)
+    if save_optimizer:
+        state["optimizer"] = actor.optimizer.sharded_state_dict(state, metadata=_OPT_META)
+    dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=None)
+    torch.save({"torch": torch.get_rng_state(), "tracker": ps.get_rng_tracker_states()},
+               tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        meta = {
+            "step": step,
+            "layout": _layout_dict(actor.groups.layout),
+            "data_cursor": data_cursor or {},
+            "scheduler": actor.scheduler.state_dict(),
+            "skipped_steps": actor.skipped_steps,
+            "has_optimizer": save_optimizer,
+        }
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1, default=_json_default)
+    dist.barrier()
+    if rank == 0:
+        _publish(root, tmp, final)
+        if keep_last:
+            done = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _json_default(x: Any) -> Any:
+    if is_dataclass(x):
+        return asdict(x)
+    if torch.is_tensor(x):
+        return x.tolist()
+    raise TypeError(f"checkpoint meta: {type(x).__name__} is not JSON serialisable")
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint under `root` (via `latest`), or None."""
+    root = Path(root)
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    name = marker.read_text().strip()
+    path = root / name
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{marker} names {name!r}, but {path / 'meta.json'} does not exist")
+    return path
+
+
+def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Optional[bool] = None,
+                    load_rng: Optional[bool] = None) -> dict:
+    """Load a checkpoint folder (or a root holding `latest`) into `actor`.
+
+    Model weights always load (resharded to the actor's layout). Optimizer, scheduler and RNG
+    load by default only when the saved layout equals the current one. Returns the meta dict
+    (step, data_cursor, layout, ...); sets actor.step.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_denoise.megatron import parallel_state as ps
+
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a root with a '{LATEST}' marker")
+        path = found
+    meta = json.loads((path / "meta.json").read_text())
+    same_layout = meta["layout"] == _layout_dict(actor.groups.layout)
+    if load_optimizer is None:
+        load_optimizer = same_layout and meta.get("has_optimizer", False)
+    if load_rng is None:
+        load_rng = same_layout
+
+    state = _model_sharded_state_dict(actor)
+    if load_optimizer:
+        # the optimizer's sharded state refers to the model's sharded tensors: build it from the
+        # same dict, then load both in one pass
+        state["optimizer"] = actor.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_META)
+    loaded = dist_checkpointing.load(state, str(path / "dist"), strict="assume_ok_unexpected")
+    if len(actor.model) == 1:
+        actor.model[0].load_state_dict(loaded["model"], strict=False)
+    else:
+        for i, c in enumerate(actor.model):
+            c.load_state_dict(loaded[f"model{i}"], strict=False)
+    if load_optimizer:
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+        actor.scheduler.load_state_dict(meta["scheduler"])
+    if load_rng:
+        rng = torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        ps.set_rng_tracker_states(rng["tracker"])
+    actor.step = int(meta["step"])
+    actor.skipped_steps = int(meta.get("skipped_steps", 0))
+    dist.barrier()
+    return meta
