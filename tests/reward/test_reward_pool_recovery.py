@@ -1,0 +1,76 @@
+"""The pool survives workers that crash or hang: the answer in flight scores 0, a replacement starts.
+
+Crashes and hangs are produced from outside, deterministically: SIGKILL (a crash / OOM kill) and
+SIGSTOP (a worker stuck where its own SIGALRM deadline cannot fire, e.g. in C code).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from megatron_denoise.reward import VerifierPool, VerifyStatus
+
+SLOW = r"\boxed{9^{9^{9^9}}}"  # keeps a worker busy until its deadline
+
+
+def _when_busy_then(pool: VerifierPool, sig: int, item: int = 0) -> threading.Thread:
+    """Send `sig` to the worker that holds answer `item` of the running batch (polled from the pool)."""
+
+    def run() -> None:
+        t_end = time.monotonic() + 60
+        while time.monotonic() < t_end:
+            busy = [w.pid for w in list(pool._workers) if w.state == "busy" and w.item == item]
+            if busy:
+                time.sleep(0.2)
+                os.kill(busy[0], sig)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_crash_hang_and_idle_death_are_survived():
+    with VerifierPool(num_workers=2, deadline_s=3.0, kill_grace_s=0.5) as pool:
+        pool.wait_ready()
+        pids0 = set(pool.worker_pids())
+        fast = [r"\boxed{%d}" % k for k in range(6)]
+
+        # 1. Crash: the worker judging the slow answer is killed; the other keeps serving.
+        killer = _when_busy_then(pool, signal.SIGKILL)
+        res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
+        killer.join()
+        assert res[0].status is VerifyStatus.ERROR and "worker died" in res[0].detail, res[0]
+        assert [r.score for r in res[1:]] == [1.0] * 6
+        pids1 = set(pool.worker_pids())
+        assert len(pids1) == 2 and len(pids1 & pids0) == 1   # one replaced
+        assert pool.stats["workers_died"] == 1
+
+        # 2. Hang: the worker stops responding; the pool kills it at deadline + grace.
+        pool.wait_ready()
+        stopper = _when_busy_then(pool, signal.SIGSTOP)
+        res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
+        stopper.join()
+        assert res[0].status is VerifyStatus.TIMEOUT and "killed" in res[0].detail, res[0]
+        assert 3.0 + 0.5 <= res[0].elapsed_s <= 3.0 + 0.5 + 1.5, res[0].elapsed_s
+        assert [r.score for r in res[1:]] == [1.0] * 6
+        assert pool.stats["workers_killed"] == 1
+        assert len(set(pool.worker_pids()) & pids1) == 1
+
+        # 3. Idle death between batches: replaced, and no answer is charged for it.
+        pool.wait_ready()
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+        res = pool.score_batch(fast, list(range(6)))
+        assert [r.status for r in res] == [VerifyStatus.OK] * 6
+        assert [r.score for r in res] == [1.0] * 6
+        assert pool.stats["workers_died"] == 2
+        assert victim not in pool.worker_pids()
+        procs = [w.proc for w in pool._workers]
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    # close() stopped every worker process.
+    assert all(p.poll() is not None for p in procs)
