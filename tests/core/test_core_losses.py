@@ -172,7 +172,7 @@ def _loss_and_grad(logp_all, old, adv, mask, pieces, agg, on_policy, dual, **ext
     return total, logp.grad, metrics_sum
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)  # no .hypothesis/ folder in the repo
 @given(batches())
 def test_micro_batch_split_gives_whole_batch_loss_and_gradient(batch):
     rows, T, seed, cuts, on_policy, dual = batch
@@ -192,7 +192,7 @@ def test_micro_batch_split_gives_whole_batch_loss_and_gradient(batch):
         torch.testing.assert_close(c2, c1, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(st.integers(2, 12), st.integers(0, 2**31 - 1), st.data())
 def test_packed_token_split_inside_a_sequence(T, seed, data):
     """Packed tokens cut anywhere (a sequence spread over micro-batches or CP ranks): with the global
