@@ -28,7 +28,8 @@ mode is forced to offline unless online is asked for explicitly, `WANDB_SILENT` 
 its calls (init, log, finish) run on one daemon thread fed by a bounded queue: `init` gets
 `wandb_init_timeout` seconds, after which W&B is switched off with a warning and the run goes on.
 
-Nothing here imports torch; TensorBoard is written with tensorboard's own event writer.
+Nothing here imports torch; TensorBoard is written with tensorboard's own event writer. One
+process writes a run's metrics: the driver (or rank 0), never every rank.
 """
 from __future__ import annotations
 
