@@ -32,9 +32,9 @@ import torch
 
 from .stats import NEG_FLOOR, ShardStats, TokenStats, local_vocab_bounds
 
-# Default logits block budget: c * V_local * 4 bytes.  32 MiB keeps the extra memory far below the
-# naive [T, V] tensors while each GEMM still has c >= 32 rows at V = 151,936 / tp.
-DEFAULT_BLOCK_BYTES = 32 * 2**20
+# Default logits block budget: c * V_local * 4 bytes.  64 MiB keeps the extra memory far below the
+# naive [T, V] tensors while each GEMM still has c >= 100 rows at V = 151,936 (tp = 1).
+DEFAULT_BLOCK_BYTES = 64 * 2**20
 
 CoefficientFn = Callable[[slice, TokenStats], tuple[torch.Tensor, Optional[torch.Tensor]]]
 CombineFn = Callable[[ShardStats], TokenStats]
@@ -49,19 +49,21 @@ def default_chunk_tokens(num_tokens: int, valid_rows: int, block_bytes: int = DE
 # ---- per-chunk math (plain functions; optionally wrapped by torch.compile) -------------------
 
 def _block_stats(z: torch.Tensor, local_tgt: torch.Tensor, owned: torch.Tensor, with_entropy: bool):
-    """z [c, n] fp32 logits of the valid columns; local_tgt [c] in [0, n); owned [c] bool."""
+    """z [c, n] fp32 logits of the valid columns; local_tgt [c] in [0, n); owned [c] bool.
+    Returns (max, sumexp, target, sum_pz) [c] each and e = exp(z - max) [c, n] (reused by the
+    gradient-in-forward step: p = e * exp(max - lse), saving a second exp pass)."""
     m = z.amax(dim=1)  # [c]
     e = torch.exp(z - m[:, None])  # [c, n]
     s = e.sum(dim=1)
     q = (e * z).sum(dim=1) if with_entropy else torch.zeros_like(s)
     t = torch.where(owned, z.gather(1, local_tgt[:, None]).squeeze(1), torch.zeros_like(s))
-    return m, s, t, q
+    return m, s, t, q, e
 
 
-def _block_grad(z: torch.Tensor, local_tgt: torch.Tensor, owned: torch.Tensor, lse: torch.Tensor,
+def _block_grad(z: torch.Tensor, p: torch.Tensor, local_tgt: torch.Tensor, owned: torch.Tensor,
                 mean_logit: torch.Tensor, g_lp: torch.Tensor, g_ent: Optional[torch.Tensor]) -> torch.Tensor:
-    """dL/dz [c, n] fp32 (see module docstring); z is consumed (overwritten) to save one block."""
-    p = torch.exp(z - lse[:, None])  # [c, n]
+    """dL/dz [c, n] fp32 from logits z and probabilities p (see module docstring). Both blocks are
+    consumed (overwritten in place): no third [c, n] buffer."""
     if g_ent is None:
         grad = p.mul_(-g_lp[:, None])
     else:
@@ -83,8 +85,17 @@ def _stats_step(h, w_valid, local_tgt, owned, with_entropy: bool):
 
 
 def _grad_step(z, local_tgt, owned, lse, mean_logit, g_lp, g_ent, w_valid):
-    grad = _block_grad(z, local_tgt, owned, lse, mean_logit, g_lp, g_ent).to(w_valid.dtype)
+    """Recompute variant: p from the combined lse."""
+    p = torch.exp(z - lse[:, None])  # [c, n]
+    grad = _block_grad(z, p, local_tgt, owned, mean_logit, g_lp, g_ent).to(w_valid.dtype)
     return grad, grad @ w_valid  # dL/dz [c, n] in the weight dtype, grad_hidden rows [c, H]
+
+
+def _grad_step_from_e(z, e, local_max, local_tgt, owned, lse, mean_logit, g_lp, g_ent, w_valid):
+    """Gradient-in-forward variant: p = exp(z - m_local) * exp(m_local - lse), reusing phase 1's e."""
+    p = e.mul_(torch.exp(local_max - lse)[:, None])
+    grad = _block_grad(z, p, local_tgt, owned, mean_logit, g_lp, g_ent).to(w_valid.dtype)
+    return grad, grad @ w_valid
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
@@ -97,14 +108,17 @@ def _accumulate_grad_w(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn_name: str):
-    fn = {"stats": _stats_step, "grad": _grad_step}[fn_name]
-    return torch.compile(fn, dynamic=False)
+    fn = {"stats": _stats_step, "grad": _grad_step, "grad_e": _grad_step_from_e}[fn_name]
+    # Default (automatic) dynamic shapes: the last chunk of a batch varies with T; after the second
+    # distinct size one shape-generic graph is compiled instead of one graph per size.
+    return torch.compile(fn)
 
 
 def _steps(compiled: bool):
+    """(stats step, recompute grad step, gradient-in-forward grad step), compiled or eager."""
     if compiled:
-        return _compiled("stats"), _compiled("grad")
-    return _stats_step, _grad_step
+        return _compiled("stats"), _compiled("grad"), _compiled("grad_e")
+    return _stats_step, _grad_step, _grad_step_from_e
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -140,10 +154,10 @@ def chunked_stats(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, 
     if n_valid == 0:
         return _empty_stats(T, hidden.device)
     c = chunk_tokens or default_chunk_tokens(T, n_valid)
-    stats_step, _ = _steps(compiled)
+    stats_step = _steps(compiled)[0]
     out = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
     for sl in _chunks(T, c):
-        _, m, s, t, q = stats_step(hidden[sl], w_valid, local_tgt[sl], owned[sl], with_entropy)
+        _, m, s, t, q, _ = stats_step(hidden[sl], w_valid, local_tgt[sl], owned[sl], with_entropy)
         out[0, sl], out[1, sl], out[2, sl], out[3, sl] = m, s, t, q
     return ShardStats(max=out[0], sumexp=out[1], target=out[2], sum_pz=out[3])
 
@@ -160,7 +174,7 @@ def chunked_grads(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, 
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     if n_valid > 0:
         c = chunk_tokens or default_chunk_tokens(T, n_valid)
-        stats_step, grad_step = _steps(compiled)
+        grad_step = _steps(compiled)[1]
         g_lp = g_logp.float()
         g_ent = None if g_entropy is None else g_entropy.float()
         for sl in _chunks(T, c):
@@ -189,22 +203,22 @@ def chunked_fused(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, 
     n_valid, w_valid, local_tgt, owned = _prepare(hidden, weight, vocab_start, targets, vocab_size)
     V_local = weight.shape[0]
     c = chunk_tokens or default_chunk_tokens(T, max(V_local, 1))
-    stats_step, grad_step = _steps(compiled)
+    stats_step, _, grad_step = _steps(compiled)
     grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     out = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
     for sl in _chunks(T, c):
         n = sl.stop - sl.start
         if n_valid > 0:
-            z, m, s, t, q = stats_step(hidden[sl], w_valid, local_tgt[sl], owned[sl], with_entropy)
+            z, m, s, t, q, e = stats_step(hidden[sl], w_valid, local_tgt[sl], owned[sl], with_entropy)
             st = ShardStats(max=m, sumexp=s, target=t, sum_pz=q)
         else:
-            z, st = None, _empty_stats(n, hidden.device)
+            z, e, st = None, None, _empty_stats(n, hidden.device)
         tok = combine(st)
         g_lp, g_ent = coefficients(sl, tok)
         out[0, sl], out[1, sl], out[2, sl], out[3, sl] = tok.lse, tok.mean_logit, tok.logprobs, tok.entropy
         if z is not None:
-            grad, gh = grad_step(z, local_tgt[sl], owned[sl], tok.lse, tok.mean_logit, g_lp.float(),
+            grad, gh = grad_step(z, e, st.max, local_tgt[sl], owned[sl], tok.lse, tok.mean_logit, g_lp.float(),
                                  None if g_ent is None else g_ent.float(), w_valid)
             grad_h[sl] = gh
             _accumulate_grad_w(grad_w[:n_valid], grad, hidden[sl])
