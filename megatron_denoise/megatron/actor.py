@@ -207,7 +207,7 @@ class MegatronActor:
 
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
             h = output.reshape(-1, output.shape[-1])                    # [S_local, H]
-            lp, en = logprobs_from_hidden(h, chunk.output_layer.loss_weight, self._vocab_start(chunk),
+            lp, en = logprobs_from_hidden(h, chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk),
                                           chunk.vocab_size, mb.targets, self.groups.tp)
             if self._reports():
                 batching.scatter_back(lp, mb, logp_out)
@@ -248,7 +248,7 @@ class MegatronActor:
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
             h = output.reshape(-1, output.shape[-1])
             loss, _, _, metrics = policy_loss_from_hidden(
-                h, chunk.output_layer.loss_weight, self._vocab_start(chunk), chunk.vocab_size,
+                h, chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk), chunk.vocab_size,
                 mb.targets, mb.loss_mask, mb.advantages,
                 None if algo.force_on_policy else mb.old_logprobs,
                 tp_group=self.groups.tp, algo=algo, global_num_tokens=n_tok, global_num_seqs=n_seq,

@@ -418,8 +418,10 @@ def shim_optimizer_type_checks() -> list:
     cg = _mod("megatron.core.optimizer.clip_grads")
     patches = []
     build = do.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+    kind = type(build) if isinstance(build, (staticmethod, classmethod)) else None
+    wrapped = _with_cuda_type_names(build.__func__ if kind else build)
     patches.append(_set(do.DistributedOptimizer, "_build_model_and_main_param_groups",
-                        staticmethod(_with_cuda_type_names(build.__func__))))
+                        kind(wrapped) if kind else wrapped))
     init = op.Float16OptimizerWithFloat16Params.__dict__["__init__"]
     patches.append(_set(op.Float16OptimizerWithFloat16Params, "__init__", _with_cuda_type_names(init)))
     clip = _with_cuda_type_names(cg.clip_grad_by_total_norm_fp32)

@@ -111,7 +111,8 @@ def enable_hidden_output(gpt: Any, tp_group: Any) -> None:
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if not self.hidden_mode:
             return self.original_forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
-        self.loss_weight = self.weight if weight is None else weight
+        # a list, not an attribute: assigning a Parameter would register it on the module
+        self.loss_weight_ref = [self.weight if weight is None else weight]
         if self.sequence_parallel:
             h = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=tp_group)
         else:

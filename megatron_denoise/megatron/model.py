@@ -158,13 +158,18 @@ def transformer_config(model: ModelConfig, layout: Any, opts: Optional[BuildOpti
         apply_rope_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
-        # pipeline p2p: torch.cuda.synchronize after batched p2p is pointless on CPU
-        batch_p2p_comm=True,
+        # pipeline p2p on gloo: batched isend/irecv matches messages between the same two ranks in
+        # posting order, so with pp=2 and VPP a forward activation and a backward gradient sent
+        # together land in each other's buffers; the unbatched path puts the two directions on
+        # different process groups. (torch.cuda.synchronize after batched p2p: GPU only.)
+        batch_p2p_comm=on_gpu,
         batch_p2p_sync=on_gpu,
         # every micro-batch of a step has the same [rows, seq] shape (the packer pads the step's
         # rows to one length), which the allgather MoE dispatcher requires
         variable_seq_lengths=False,
-        deallocate_pipeline_outputs=True,
+        # pseudo-freeing sent activations (swapping their .data) saves GPU memory; on CPU it
+        # buys nothing and an async gloo send may still read the tensor
+        deallocate_pipeline_outputs=on_gpu,
         calculate_per_token_loss=True,
     )
     if opts.recompute:

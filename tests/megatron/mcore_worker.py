@@ -1,0 +1,256 @@
+"""Multi-process worker for the megatron actor tests: runs MANY checks per torchrun launch.
+
+    python -m torch.distributed.run --nproc-per-node N mcore_worker.py SPEC.json OUT.json
+
+SPEC: {"workdir": str, "checks": [{"name": str, "kind": str, "args": {...}}, ...]}. Each check
+initialises its own layout (megatron's groups are torn down between checks) and returns a dict of
+measurements (max abs differences, flags); rank 0 writes {name: result} to OUT.json. A check
+that raises records {"error": traceback} instead, so the pytest side reports it by name.
+
+Parity checks compare against a single-process reference written by the "reference" check (a
+1-process launch): initial weights, log-probs, metrics, gradients and weights after one step,
+all as megatron distributed checkpoints whose plain (full) tensors are compared key by key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_denoise.config.schema import Config, ModelConfig, MoEConfig
+from megatron_denoise.layout import ParallelLayout
+from megatron_denoise.megatron import parallel_state as ps
+from megatron_denoise.megatron.batching import ActorBatch
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiny setup shared by every check
+
+
+def model_config(kind: str, dispatcher: str = "alltoall") -> ModelConfig:
+    common = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                  kv_channels=32, vocab_size=300, max_position_embeddings=256, qk_layernorm=True,
+                  params_dtype="float32", rotary_base=10000.0, norm_epsilon=1e-6)
+    if kind == "dense":
+        return ModelConfig(family="qwen3", num_layers=4, qkv_bias=True, tie_word_embeddings=False, **common)
+    if kind == "moe":
+        return ModelConfig(family="qwen3_moe", num_layers=2, qkv_bias=False, tie_word_embeddings=False,
+                           moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=64, aux_loss_coeff=0.0,
+                                         token_dispatcher_type=dispatcher), **common)
+    raise KeyError(kind)
+
+
+def run_config(kind: str, *, dispatcher: str = "alltoall", distopt: bool = False, optimizer: str = "sgd") -> Config:
+    cfg = Config()
+    cfg.model = model_config(kind, dispatcher)
+    cfg.trainer.micro_batch_tokens = 40
+    cfg.optimizer.name = optimizer
+    cfg.optimizer.lr = 0.1 if optimizer == "sgd" else 1e-3
+    cfg.optimizer.weight_decay = 0.0 if optimizer == "sgd" else 0.01
+    cfg.optimizer.clip_grad = 1.0
+    cfg.optimizer.adam_eps = 1e-3  # large eps: Adam's first step then still scales with |grad|
+    cfg.parallel.use_distributed_optimizer = distopt
+    a = cfg.algorithm
+    a.force_on_policy = False
+    a.clip_low, a.clip_high, a.dual_clip = 0.2, 0.28, 3.0
+    a.entropy_coeff = 0.01
+    a.loss_agg = "token-mean"
+    return cfg
+
+
+def make_batch(seed: int = 0, rows: int = 6, width: int = 24, vocab: int = 300) -> ActorBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, width), generator=g)
+    lens = torch.tensor([24, 9, 17, 12, 20, 15][:rows])
+    lm = torch.zeros(rows, width)
+    for r in range(rows):
+        lm[r, 5:int(lens[r])] = 1.0
+    lm[2, 10] = 0.0  # a hole in one row's mask
+    adv = torch.randn(rows, generator=g)
+    return ActorBatch(input_ids=ids, sequence_lengths=lens, loss_mask=lm, advantages=adv)
+
+
+def with_old_logprobs(batch: ActorBatch, logp: torch.Tensor, seed: int = 1) -> ActorBatch:
+    """Old log-probs = current ones perturbed, so ratios differ from 1 and the clips bind."""
+    g = torch.Generator().manual_seed(seed)
+    noise = 0.3 * torch.randn(logp.shape, generator=g)
+    return replace(batch, old_logprobs=(logp + noise) * batch.loss_mask)
+
+
+def layout(world: int, **kw) -> ParallelLayout:
+    etp = kw.pop("etp", None)
+    tp = kw.get("tp", 1)
+    return ParallelLayout(world_size=world, etp=etp if etp is not None else tp, **kw)
+
+
+def make_actor(cfg: Config, lay: ParallelLayout, seed: int = 1):
+    from megatron_denoise.megatron.actor import MegatronActor
+
+    groups = ps.initialize(lay, seed=seed)
+    return MegatronActor(cfg, groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# full tensors through megatron's own resharding
+
+
+def save_model_tensors(actor, path: Path, source: str = "param") -> None:
+    """Model-only distributed checkpoint of the params (or of the captured grads)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_denoise.megatron.checkpoint import _model_sharded_state_dict
+
+    backup = []
+    if source == "grad":
+        for m in actor.model:
+            for p in m.parameters():
+                backup.append((p, p.data.clone()))
+                p.data.copy_(actor._captured_grads[p])
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_model_sharded_state_dict(actor), str(path))
+    for p, d in backup:
+        p.data.copy_(d)
+    dist.barrier()
+
+
+def plain(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    sd = dist_checkpointing.load_plain_tensors(str(path))
+    return {k: v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def max_diff(a: dict, b: dict) -> dict:
+    """Max abs difference over common keys, and the keys present on one side only."""
+    common = sorted(set(a) & set(b))
+    worst, worst_key = 0.0, None
+    for k in common:
+        if a[k].shape != b[k].shape:
+            return {"max": float("inf"), "key": k, "shape_mismatch": [list(a[k].shape), list(b[k].shape)]}
+        d = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
+        if d > worst:
+            worst, worst_key = d, k
+    return {"max": worst, "key": worst_key, "n": len(common),
+            "only_a": sorted(set(a) - set(b)), "only_b": sorted(set(b) - set(a))}
+
+
+def capture_grads(actor) -> None:
+    """Record every parameter's main_grad right before the optimizer step."""
+    orig = actor.optimizer.step
+
+    def step():
+        actor._captured_grads = {p: p.main_grad.detach().clone() for m in actor.model for p in m.parameters()}
+        return orig()
+
+    actor.optimizer.step = step
+
+
+def max_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+
+
+@check
+def reference(workdir: str, model: str = "dense", dispatcher: str = "alltoall", optimizer: str = "sgd") -> dict:
+    """Single-process run: initial weights, log-probs, one PPO step (grads, weights, metrics)."""
+    from megatron_denoise.megatron.checkpoint import save_checkpoint
+
+    ref = Path(workdir) / f"ref_{model}_{optimizer}"
+    cfg = run_config(model, dispatcher=dispatcher, optimizer=optimizer)
+    actor = make_actor(cfg, layout(1))
+    save_checkpoint(actor, ref / "init", save_optimizer=False)
+    batch = make_batch()
+    logp, ent = actor.compute_logprobs(batch)
+    batch = with_old_logprobs(batch, logp)
+    capture_grads(actor)
+    metrics = actor.train_step(batch)
+    save_model_tensors(actor, ref / "grads", "grad")
+    save_model_tensors(actor, ref / "after")
+    torch.save({"logp": logp, "ent": ent, "metrics": metrics}, ref / "results.pt")
+    return {"metrics": metrics, "finite": bool(torch.isfinite(logp).all())}
+
+
+@check
+def parity(workdir: str, model: str = "dense", dispatcher: str = "alltoall", distopt: bool = False,
+           lay: dict | None = None, compare_grads: bool = True, optimizer: str = "sgd") -> dict:
+    """Same run as `reference` in another layout: log-probs, metrics, grads and weights after
+    one step compared with the single-process reference."""
+    from megatron_denoise.megatron.checkpoint import load_checkpoint
+
+    ref = Path(workdir) / f"ref_{model}_{optimizer}"
+    world = dist.get_world_size()
+    cfg = run_config(model, dispatcher=dispatcher, distopt=distopt, optimizer=optimizer)
+    actor = make_actor(cfg, layout(world, **(lay or {})))
+    load_checkpoint(actor, ref / "init", load_optimizer=False, load_rng=False)
+    expected = torch.load(ref / "results.pt", weights_only=False)
+    batch = make_batch()
+    logp, ent = actor.compute_logprobs(batch)
+    out = {"logp": float((logp - expected["logp"]).abs().max()),
+           "entropy": float((ent - expected["ent"]).abs().max())}
+    batch = with_old_logprobs(batch, expected["logp"])
+    capture_grads(actor)
+    metrics = actor.train_step(batch)
+    for k in ("loss", "pg_loss", "entropy", "clip_fraction", "dual_clip_fraction", "grad_norm", "loss_tokens"):
+        out[f"metric_{k}"] = abs(metrics[k] - expected["metrics"][k])
+    out["clip_fraction"] = metrics["clip_fraction"]
+    import hashlib  # (python's hash() is salted per process: ranks would disagree)
+
+    tag = f"{model}_{hashlib.md5(json.dumps(lay, sort_keys=True).encode()).hexdigest()[:8]}_{int(distopt)}_{dispatcher}_{optimizer}"
+    wd = Path(workdir) / f"run_{tag}"
+    if compare_grads and not distopt:
+        save_model_tensors(actor, wd / "grads", "grad")
+        out["grads"] = max_diff(plain(wd / "grads"), plain(ref / "grads"))
+    save_model_tensors(actor, wd / "after")
+    out["after"] = max_diff(plain(wd / "after"), plain(ref / "after"))
+    # the reference step itself moved the weights (so "after" parity is not vacuous)
+    out["moved"] = max_diff(plain(ref / "after"), plain(ref / "init" / "step_00000000" / "dist"))["max"]
+    out["logp"] = max_over_ranks(out["logp"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out_path = Path(sys.argv[2])
+    ps.init_distributed("gloo", timeout_minutes=3)
+    results = {}
+    for item in spec["checks"]:
+        name = item["name"]
+        try:
+            results[name] = CHECKS[item["kind"]](workdir=spec["workdir"], **item.get("args", {}))
+        except Exception:  # recorded by name; the pytest side fails with the traceback
+            results[name] = {"error": traceback.format_exc()}
+            print(results[name]["error"], file=sys.stderr, flush=True)
+        finally:
+            if ps.is_initialized():
+                ps.teardown()
+        if dist.get_rank() == 0:  # write after every check: a later crash keeps earlier results
+            out_path.write_text(json.dumps(results, indent=1, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
