@@ -10,13 +10,18 @@ that a checked invariant instead of a hope.
 How. `install()` adds a `sys.addaudithook` hook (PEP 578) in the worker process, after the
 worker has imported and warmed up math-verify. From then on:
 - `compile` of source from a non-file origin (`<string>`, which is what eval/exec/parse_expr use)
-  is allowed only when the source is one of the tiny shapes sympy's number parsing generates
-  (`from sympy import *`, `Integer (123 )`, `Float ('1.5' )`); anything else is blocked.
-  Compiles with a real `*.py` filename are module imports and are allowed.
-- `exec` of a code object that does not come from a `*.py` file is allowed only when it names
-  nothing but sympy's number constructors.
+  is allowed only for source that libraries generate themselves, as observed over MATH-500
+  (answers right and wrong) and lazy imports: the shapes of sympy's number parsing
+  (`from sympy import *`, `Integer (123 )`, `Float ('1.5' )`, checked on the source, since
+  `parse_expr` is the function that could see text), and a short table of trusted generators
+  identified by the calling function (`sympy.polys.monomials.MonomialOps._build`, whose source is
+  also checked token by token; `collections.namedtuple`; `dataclasses._create_fn`; `ast.parse`,
+  which yields an AST only). Anything else is blocked. A `*.py` filename means a module import.
+- `exec` of a code object that does not come from a module file is allowed only when it names
+  nothing but sympy's number constructors, or when a trusted generator runs it.
+- `marshal.loads` is allowed for the import system only (loading a module's cached bytecode).
 - process creation (`os.system`, `os.exec*`, `os.spawn*`, `os.posix_spawn`, `os.fork*`,
-  `subprocess.Popen`, `pty.spawn`), sockets, ctypes, code-object construction, `marshal.loads`,
+  `subprocess.Popen`, `pty.spawn`), sockets, ctypes, code-object construction,
   file writes/removals/renames and signals to other processes are blocked.
 A blocked event raises `GuardViolation` (a BaseException, so math-verify's `except Exception`
 handlers cannot swallow it) from inside the audited call, i.e. BEFORE the operation happens,
@@ -40,10 +45,40 @@ _ALLOWED_SOURCE = re.compile(
 )
 _ALLOWED_NAMES = frozenset({"sympy", "Integer", "Float"})
 
+# Trusted code generators: library functions that compile source they build themselves (never
+# from answer text), as met while judging MATH-500 answers or importing modules lazily.
+# (file suffix, function) -> a check of the generated source (None: the caller is enough).
+_MONOMIAL_CHARS = re.compile(r"[\sA-Za-z0-9_(),:=<>+\-*]*")
+_MONOMIAL_TOKEN = re.compile(r"[A-Za-z_]\w*")
+_MONOMIAL_WORD = re.compile(r"def|return|if|else|None|A|B|k|[abr]\d+|monomial_[a-z]+")
+
+
+def _monomial_source(text: Optional[str]) -> bool:
+    # sympy.polys.monomials.MonomialOps._build: `def monomial_mul(A, B):\n    (a0, a1,) = A ...`
+    # per number of generators: only its own identifiers, no quotes, dots or brackets.
+    return (text is not None and _MONOMIAL_CHARS.fullmatch(text) is not None
+            and all(_MONOMIAL_WORD.fullmatch(t) for t in _MONOMIAL_TOKEN.findall(text)))
+
+
+_TRUSTED_GENERATORS = {
+    (os.path.join("sympy", "polys", "monomials.py"), "_build"): _monomial_source,
+    (os.path.join("collections", "__init__.py"), "namedtuple"): None,   # __new__ of a namedtuple
+    ("dataclasses.py", "_create_fn"): None,                              # __init__/__repr__/...
+    ("ast.py", "parse"): None,                                           # source -> AST only
+}
+
+
+def _trusted_generator(caller: tuple[str, str], text: Optional[str], check_text: bool) -> bool:
+    for (suffix, func), check in _TRUSTED_GENERATORS.items():
+        if caller[1] == func and caller[0].endswith(suffix):
+            return check is None or not check_text or check(text)
+    return False
+
+
 # Audit events that must never happen while judging an answer (prefix match on the event name).
 _BLOCKED_PREFIXES = (
     "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
-    "subprocess.", "pty.spawn", "socket.", "ctypes.", "code.__new__", "marshal.loads",
+    "subprocess.", "pty.spawn", "socket.", "ctypes.", "code.__new__",
     "os.remove", "os.unlink", "os.rename", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod",
     "os.chown", "os.symlink", "os.link", "os.kill", "os.killpg", "shutil.", "urllib.",
     "webbrowser.", "sys.remote_exec", "os.startfile", "winreg.",
@@ -81,6 +116,13 @@ def _is_file_origin(filename: Any) -> bool:
     return isinstance(filename, str) and (filename.endswith(".py") or filename.startswith("<frozen "))
 
 
+def _caller() -> tuple[str, str]:
+    """(file, function) of the Python code that triggered the audited operation."""
+    # Frame 0 is this function, 1 the hook, 2 the code that called exec/compile/marshal.
+    f = sys._getframe(2)
+    return f.f_code.co_filename, f.f_code.co_name
+
+
 def _block(event: str) -> None:
     _State.blocked += 1
     _State.last_event = event
@@ -95,6 +137,8 @@ def _hook(event: str, args: tuple) -> None:
         text = _source_text(src)
         if text is not None and _ALLOWED_SOURCE.fullmatch(text.strip()):
             return
+        if _trusted_generator(_caller(), text, check_text=True):
+            return
         _block("compile")
     elif event == "exec":
         code = args[0]
@@ -104,7 +148,13 @@ def _hook(event: str, args: tuple) -> None:
         names = set(getattr(code, "co_names", ()) or ())
         if filename == "<string>" and names <= _ALLOWED_NAMES:
             return
+        # The code object of a trusted generator: its source was checked at compile time.
+        if _trusted_generator(_caller(), None, check_text=False):
+            return
         _block("exec")
+    elif event == "marshal.loads":
+        if not _caller()[0].startswith("<frozen importlib"):
+            _block(event)
     elif event == "open":
         # args: (path, mode, flags); reads (imports, data files) are fine, writes are not.
         mode, flags = args[1], args[2]
@@ -119,6 +169,8 @@ def _hook(event: str, args: tuple) -> None:
 def install() -> None:
     """Install the guard in this process (idempotent). Call after all imports and warm-up."""
     if not _State.installed:
+        # A late import must not try to write its bytecode cache: that write would be blocked.
+        sys.dont_write_bytecode = True
         sys.addaudithook(_hook)
         _State.installed = True
 

@@ -40,17 +40,27 @@ _MAX_CONSECUTIVE_START_FAILURES = 3
 
 
 class _Worker:
-    """One worker process and what it is doing."""
+    """One worker process and the answers sent to it, judged in order.
+
+    Up to `depth` answers are in flight per worker (pipelining: the next answer already waits in
+    the worker's pipe when it finishes one, so a busy parent or a loaded machine does not leave it
+    idle). Only the head answer is being judged; its clock starts when the previous result arrived.
+    """
 
     def __init__(self, proc: subprocess.Popen, startup_deadline: float):
         self.proc = proc
         self.rfd = proc.stdout.fileno()
         self.wfd = proc.stdin.fileno()
-        self.state = "starting"          # starting | idle | busy | dead
-        self.item: Optional[int] = None  # index of the answer in flight
-        self.t_sent = 0.0
-        self.hard_deadline = startup_deadline
+        self.state = "starting"          # starting | ready | dead
+        self.inflight: deque[int] = deque()  # answer indices sent, in order; [0] is being judged
+        self.head_start = 0.0            # when the head answer started (send or previous result)
+        self.startup_deadline = startup_deadline
         self.pid = proc.pid
+
+    def hard_deadline(self, deadline_s: float, grace_s: float) -> float:
+        if self.state == "starting":
+            return self.startup_deadline
+        return self.head_start + deadline_s + grace_s
 
     def kill(self) -> None:
         self.state = "dead"
@@ -98,6 +108,7 @@ class VerifierPool:
         memory_mb: address-space limit per worker (RLIMIT_AS); 0 = unlimited.
         startup_timeout_s: a worker that is not ready in this time counts as a failed start.
         python: interpreter for the workers (default: this one).
+        pipeline_depth: answers in flight per worker (2 hides the round trip; 1 = strictly one).
     """
 
     def __init__(
@@ -109,6 +120,7 @@ class VerifierPool:
         memory_mb: int = 4096,
         startup_timeout_s: float = 120.0,
         python: Optional[str] = None,
+        pipeline_depth: int = 2,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -121,6 +133,7 @@ class VerifierPool:
         self.memory_mb = int(memory_mb)
         self.startup_timeout_s = float(startup_timeout_s)
         self.python = python or sys.executable
+        self.pipeline_depth = int(pipeline_depth)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._closed = False
@@ -171,6 +184,13 @@ class VerifierPool:
         """PIDs of the current workers (for monitoring and tests)."""
         with self._lock:
             return [w.pid for w in self._workers if w.state != "dead"]
+
+    def _pid_judging(self, i: int) -> Optional[int]:
+        """PID of the worker judging answer `i` of the running batch right now (tests use it)."""
+        for w in list(self._workers):
+            if w.state == "ready" and w.inflight and w.inflight[0] == i:
+                return w.pid
+        return None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -230,11 +250,11 @@ class VerifierPool:
             self._check_open()
             self._answers, self._golds, self._deadline = answers, golds, deadline
             try:
-                while queue or any(w.state == "busy" for w in self._workers):
+                while queue or any(w.inflight for w in self._workers):
                     self._fill()
                     for w in self._workers:
-                        if w.state == "idle" and queue:
-                            self._dispatch(w, queue)
+                        while w.state == "ready" and queue and self._dispatch(w, queue):
+                            pass
                     self._pump(results, queue)
             finally:
                 self._answers, self._golds = None, None
@@ -268,34 +288,38 @@ class VerifierPool:
         if self._closed:
             raise RuntimeError("VerifierPool is closed")
 
-    def _dispatch(self, w: _Worker, queue: deque) -> None:
-        i = queue.popleft()
-        if w.proc.poll() is not None:
-            # Died while idle (e.g. killed from outside): not this answer's fault.
-            queue.appendleft(i)
-            w.kill()
-            self._stats["workers_died"] += 1
-            return
+    def _dispatch(self, w: _Worker, queue: deque) -> bool:
+        """Send the next queued answer to `w` if it has room; False when it has none (or died)."""
+        if len(w.inflight) >= self.pipeline_depth:
+            return False
+        i = queue[0]
         msg = {"op": "score", "id": i, "answer": self._answers[i], "golds": self._golds[i],
                "soft_s": self._deadline}
+        if w.inflight and sum(map(len, msg["golds"])) + len(msg["answer"]) > 8192:
+            return False  # never let a big frame fill the pipe of a busy worker
+        if w.proc.poll() is not None:
+            # Found dead before this answer was sent (e.g. killed from outside): not its fault.
+            self._on_death(w, None, queue)
+            return False
         try:
             write_frame(w.wfd, msg)
         except OSError:  # BrokenPipeError: it died between poll() and write
-            queue.appendleft(i)
-            w.kill()
-            self._stats["workers_died"] += 1
-            return
-        w.state, w.item = "busy", i
-        w.t_sent = time.monotonic()
-        w.hard_deadline = w.t_sent + self._deadline + self.kill_grace_s
+            self._on_death(w, None, queue)
+            return False
+        queue.popleft()
+        if not w.inflight:
+            w.head_start = time.monotonic()
+        w.inflight.append(i)
+        return True
 
     def _pump(self, results: Optional[list], queue: Optional[deque]) -> None:
         """Wait for one round of worker messages or the next deadline, and handle them."""
-        waiting = [w for w in self._workers if w.state in ("starting", "busy")]
+        waiting = [w for w in self._workers if w.state == "starting" or (w.state == "ready" and w.inflight)]
         if not waiting:
             return
+        hard = {id(w): w.hard_deadline(self._deadline, self.kill_grace_s) for w in waiting}
         now = time.monotonic()
-        timeout_ms = max(0, int(1000 * (min(w.hard_deadline for w in waiting) - now)) + 1)
+        timeout_ms = max(0, int(1000 * (min(hard.values()) - now)) + 1)
         poller = select.poll()  # poll, not select: trainer processes can hold fds >= 1024
         by_fd = {}
         for w in waiting:
@@ -308,47 +332,57 @@ class VerifierPool:
             except (OSError, ValueError):
                 msg = None
             if msg is None:
-                self._on_death(w, results)
-            elif msg.get("op") == "ready":
-                w.state = "idle"
+                self._on_death(w, results, queue)
+            elif msg.get("op") == "ready" and w.state == "starting":
+                w.state = "ready"
                 self._start_failures = 0
-            elif msg.get("op") == "result" and w.state == "busy" and msg.get("id") == w.item:
+            elif msg.get("op") == "result" and w.inflight and msg.get("id") == w.inflight[0]:
                 self._on_result(w, msg, results)
             else:  # a protocol violation: do not trust this worker any more
-                self._on_death(w, results, detail=f"unexpected message {str(msg)[:100]}")
+                self._on_death(w, results, queue, detail=f"unexpected message {str(msg)[:100]}")
         now = time.monotonic()
         for w in waiting:
-            if w.state in ("starting", "busy") and now > w.hard_deadline:
-                if w.state == "starting":
-                    self._on_death(w, results, detail="did not start in time")
-                else:
-                    i = w.item
-                    w.kill()
-                    self._stats["workers_killed"] += 1
-                    if results is not None:
-                        results[i] = VerifyResult(0.0, VerifyStatus.TIMEOUT, self._answers[i],
-                                                  now - w.t_sent, "worker killed at hard deadline")
+            if (w.state == "dead" or (w.state == "ready" and not w.inflight)
+                    or now <= w.hard_deadline(self._deadline, self.kill_grace_s)):
+                continue
+            if w.state == "starting":
+                self._on_death(w, results, queue, detail="did not start in time")
+                continue
+            # Stuck past deadline + grace (e.g. in C code where SIGALRM cannot act): kill it.
+            self._on_death(w, results, queue, detail="worker killed at hard deadline", killed=True)
 
     def _on_result(self, w: _Worker, msg: dict, results: Optional[list]) -> None:
-        i = w.item
-        w.state, w.item = "idle", None
+        i = w.inflight.popleft()
+        now = time.monotonic()
         self._stats["guard_blocks"] += int(msg.get("blocked", 0))
         if results is not None:
             results[i] = VerifyResult(float(msg["score"]), VerifyStatus(msg["status"]), self._answers[i],
-                                      time.monotonic() - w.t_sent, str(msg.get("detail", "")))
+                                      now - w.head_start, str(msg.get("detail", "")))
+        w.head_start = now  # the next answer in its pipe starts now
 
-    def _on_death(self, w: _Worker, results: Optional[list], detail: str = "") -> None:
-        was, i = w.state, w.item
+    def _on_death(self, w: _Worker, results: Optional[list], queue: Optional[deque], detail: str = "",
+                  killed: bool = False) -> None:
+        """`w` died (head answer: `error`) or was `killed` at the hard deadline (head answer:
+        `timeout`); either way the head answer scores 0 and the answers queued behind it, which it
+        never started, go back to the queue."""
+        t_end = time.monotonic()
+        was = w.state
         code = w.proc.poll()
+        inflight = list(w.inflight)
+        w.inflight.clear()
         w.kill()
-        self._stats["workers_died"] += 1
+        self._stats["workers_killed" if killed else "workers_died"] += 1
         if was == "starting":
             self._start_failures += 1
             if self._start_failures >= _MAX_CONSECUTIVE_START_FAILURES:
                 raise RuntimeError(
                     f"verifier worker failed to start {self._start_failures} times in a row "
                     f"(last exit code {code}, {detail or 'see its stderr'}); "
-                    f"command: {self.python} -m megatron_denoise.reward.worker")
-        elif was == "busy" and results is not None and i is not None:
-            results[i] = VerifyResult(0.0, VerifyStatus.ERROR, self._answers[i], time.monotonic() - w.t_sent,
-                                      detail or f"worker died (exit code {code})")
+                    f"command: {self.python} -c 'from megatron_denoise.reward.worker import main; main()'")
+            return
+        if inflight and results is not None:
+            i = inflight.pop(0)
+            results[i] = VerifyResult(0.0, VerifyStatus.TIMEOUT if killed else VerifyStatus.ERROR, self._answers[i],
+                                      t_end - w.head_start, detail or f"worker died (exit code {code})")
+        if queue is not None:
+            queue.extendleft(reversed(inflight))  # not yet started: their turn comes again

@@ -21,10 +21,10 @@ def _when_busy_then(pool: VerifierPool, sig: int, item: int = 0) -> threading.Th
     def run() -> None:
         t_end = time.monotonic() + 60
         while time.monotonic() < t_end:
-            busy = [w.pid for w in list(pool._workers) if w.state == "busy" and w.item == item]
-            if busy:
+            pid = pool._pid_judging(item)
+            if pid is not None:
                 time.sleep(0.2)
-                os.kill(busy[0], sig)
+                os.kill(pid, sig)
                 return
             time.sleep(0.01)
 
@@ -44,7 +44,7 @@ def test_crash_hang_and_idle_death_are_survived():
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         killer.join()
         assert res[0].status is VerifyStatus.ERROR and "worker died" in res[0].detail, res[0]
-        assert [r.score for r in res[1:]] == [1.0] * 6
+        assert [r.score for r in res[1:]] == [1.0] * 6, res
         pids1 = set(pool.worker_pids())
         assert len(pids1) == 2 and len(pids1 & pids0) == 1   # one replaced
         assert pool.stats["workers_died"] == 1
@@ -56,7 +56,7 @@ def test_crash_hang_and_idle_death_are_survived():
         stopper.join()
         assert res[0].status is VerifyStatus.TIMEOUT and "killed" in res[0].detail, res[0]
         assert 3.0 + 0.5 <= res[0].elapsed_s <= 3.0 + 0.5 + 1.5, res[0].elapsed_s
-        assert [r.score for r in res[1:]] == [1.0] * 6
+        assert [r.score for r in res[1:]] == [1.0] * 6, res
         assert pool.stats["workers_killed"] == 1
         assert len(set(pool.worker_pids()) & pids1) == 1
 
