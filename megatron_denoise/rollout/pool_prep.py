@@ -1,0 +1,345 @@
+"""Weak-model wrong-solution pool preparation (METHOD.md section 1), resumable.
+
+    problems.parquet ──weak model, n samples──> verifier ──> problems.with_wrong_boxed.parquet
+                                                          + <stem>.prepare/rollouts.jsonl
+                                                          + <stem>.prepare/summary.json
+
+A sample enters a problem's pool (`wrong_answer_with_boxed`, list<string>, full decoded texts in
+sample order) when it has a parseable last `\\boxed{}` AND the verifier judged it wrong (status
+ok, score 0). Timed-out or crashed verifications are kept out and counted. Beside the pool, per
+entry: `wrong_answer_finish_reason` (list<string>) and `wrong_answer_num_tokens` (list<int32>).
+Options the reference lacks: `dedup` (drop exact-duplicate texts of a problem; on by default) and
+`drop_truncated` (drop length-stopped samples); both report what they removed.
+
+Resumability: problems are processed in chunks; each finished chunk is committed by atomically
+renaming its parquet part into <work>/parts/ (its log and stats are written before, so a part
+that exists is complete). A re-run after a kill skips committed chunks and redoes only the one
+that was in flight; the final files are assembled from the parts, so nothing is written twice.
+A manifest pins the settings: resuming with different settings is refused.
+Sampling seeds derive from (seed, row index, sample index), so results do not depend on the
+chunking or on where a run was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from megatron_denoise.core.seeding import derive_seed
+from megatron_denoise.core.types import RolloutRequest, RowKind
+
+POOL_COLUMN = "wrong_answer_with_boxed"
+FINISH_COLUMN = "wrong_answer_finish_reason"
+LENGTH_COLUMN = "wrong_answer_num_tokens"
+
+__all__ = ["PrepareSettings", "prepare_pool", "output_paths", "POOL_COLUMN"]
+
+
+@dataclass
+class PrepareSettings:
+    """Defaults follow METHOD.md section 1 (the paper's weak-model sampling)."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    seed: int = 0
+    dedup: bool = True
+    drop_truncated: bool = False
+    chunk_size: int = 64
+    max_problems: Optional[int] = None
+    engine: str = "vllm"  # vllm | hf
+    dtype: Optional[str] = None
+    verifier_workers: int = 2
+    verifier_deadline_s: float = 5.0
+
+    def fingerprint(self, model: str, input_path: Path, num_rows: int) -> dict:
+        """What must not change between a run and its resumption."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("verifier_workers", "engine", "dtype")}
+        return dict(keep, model=str(Path(model).resolve()), input=str(input_path.resolve()), num_rows=num_rows)
+
+
+def output_paths(input_path: Path, output_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """(final parquet, work folder) for an input file."""
+    out_dir = Path(output_dir) if output_dir is not None else input_path.parent
+    stem = input_path.name[:-len(".parquet")] if input_path.name.endswith(".parquet") else input_path.stem
+    return out_dir / f"{stem}.with_wrong_boxed.parquet", out_dir / f"{stem}.prepare"
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+def _read_problems(path: Path, max_problems: Optional[int]):
+    """The input table and, per row, (chat messages, ground truth); bad rows reported by index."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"prepare_data: input file {path} does not exist")
+    table = pq.read_table(path)
+    for col in ("prompt", "reward_model"):
+        if col not in table.column_names:
+            raise ValueError(f"prepare_data: {path} has no column {col!r} (columns: {table.column_names})")
+    if max_problems is not None:
+        table = table.slice(0, max_problems)
+    prompts = table.column("prompt").to_pylist()
+    rms = table.column("reward_model").to_pylist()
+    bad, rows = [], []
+    for i, (msgs, rm) in enumerate(zip(prompts, rms)):
+        gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+        if not msgs or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
+                               for m in msgs):
+            bad.append(f"row {i}: prompt must be a non-empty list of {{role, content}} messages")
+        elif gt is None or (isinstance(gt, str) and not gt.strip()):
+            bad.append(f"row {i}: reward_model.ground_truth is missing or empty")
+        rows.append(([{"role": m["role"], "content": m["content"]} for m in msgs or []], gt))
+    if bad:
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise ValueError(f"prepare_data: {path}: bad rows: " + "; ".join(bad[:10]) + more)
+    return table, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Small atomic file helpers
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk
+
+@dataclass
+class _ChunkResult:
+    pools: list = field(default_factory=list)      # per problem: [text, ...]
+    finishes: list = field(default_factory=list)   # per problem: [finish_reason, ...]
+    lengths: list = field(default_factory=list)    # per problem: [num_tokens, ...]
+    log: list = field(default_factory=list)        # per problem: dict
+    stats: Counter = field(default_factory=Counter)
+
+
+def _process_chunk(rows: Sequence[tuple[list, Any]], row0: int, prompt_ids: Sequence[tuple[int, ...]],
+                   engine, tokenizer, scorer, s: PrepareSettings, max_model_len: int) -> _ChunkResult:
+    from megatron_denoise.reward import VerifyStatus
+    from megatron_denoise.rollout.engine import SamplingSpec
+
+    reqs: list[RolloutRequest] = []
+    for j, ids in enumerate(prompt_ids):
+        budget = min(s.max_tokens, max_model_len - len(ids))
+        for k in range(s.n):
+            reqs.append(RolloutRequest(
+                problem_uid=str(row0 + j), group_id=row0 + j, slot=k, kind=RowKind.MAIN, prompt_ids=ids,
+                prefix=None, max_tokens=budget, seed=derive_seed("prepare_data", s.seed, row0 + j, k, bits=31)))
+    comps = engine.generate(reqs, SamplingSpec(temperature=s.temperature, top_p=s.top_p))
+    texts = tokenizer.batch_decode([list(c.token_ids) for c in comps], skip_special_tokens=True)
+    gts = [rows[j][1] for j in range(len(rows)) for _ in range(s.n)]
+    verdicts = scorer.score_batch(texts, gts)
+
+    res = _ChunkResult()
+    st = res.stats
+    for j in range(len(rows)):
+        pool, fin, lens, samples, seen = [], [], [], [], set()
+        for k in range(s.n):
+            i = j * s.n + k
+            c, v, text = comps[i], verdicts[i], texts[i]
+            boxed = v.status is not VerifyStatus.NO_BOX
+            wrong = v.status is VerifyStatus.OK and not v.correct
+            st["samples"] += 1
+            st["tokens"] += len(c.token_ids)
+            st["boxed"] += int(boxed)
+            st["correct"] += int(v.correct)
+            st["truncated"] += int(c.finish_reason == "length")
+            st[f"status_{v.status.value}"] += 1
+            removed = None
+            if wrong:
+                st["wrong_with_box"] += 1
+                if s.drop_truncated and c.finish_reason == "length":
+                    removed = "truncated"
+                elif s.dedup and text.strip() in seen:
+                    removed = "duplicate"
+                else:
+                    seen.add(text.strip())
+                    pool.append(text)
+                    fin.append(c.finish_reason)
+                    lens.append(len(c.token_ids))
+                if removed:
+                    st[f"removed_{removed}"] += 1
+            samples.append(dict(text=text, finish_reason=c.finish_reason, num_tokens=len(c.token_ids),
+                                status=v.status.value, answer=v.answer, correct=bool(v.correct),
+                                in_pool=wrong and removed is None, removed=removed))
+        st["problems"] += 1
+        st["problems_with_pool"] += int(bool(pool))
+        res.pools.append(pool)
+        res.finishes.append(fin)
+        res.lengths.append(lens)
+        res.log.append(dict(row=row0 + j, ground_truth=rows[j][1], pool_size=len(pool), samples=samples))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+
+def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSettings, *,
+                 output_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 progress: bool = True, fail_after_chunks: Optional[int] = None,
+                 log: Callable[[str], None] = print, engine_factory: Optional[Callable[..., Any]] = None) -> dict:
+    """Run (or resume) preparation; returns the summary dict (also written to summary.json).
+
+    engine_factory(model, settings, max_model_len, work_dir) -> RolloutEngine replaces the engine
+    named by settings.engine (for other engines, e.g. a remote one, and tests).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    input_path = Path(input_path)
+    final_path, work = output_paths(input_path, Path(output_dir) if output_dir else None)
+    parts = work / "parts"
+    if settings.n < 1 or settings.chunk_size < 1 or settings.max_tokens < 1:
+        raise ValueError(f"prepare_data: n ({settings.n}), chunk_size ({settings.chunk_size}) and "
+                         f"max_tokens ({settings.max_tokens}) must be >= 1")
+
+    table, rows = _read_problems(input_path, settings.max_problems)
+    if POOL_COLUMN in table.column_names:
+        log(f"note: {input_path} already has a {POOL_COLUMN!r} column; it is replaced")
+        table = table.drop_columns([c for c in (POOL_COLUMN, FINISH_COLUMN, LENGTH_COLUMN) if c in table.column_names])
+
+    manifest = settings.fingerprint(model, input_path, len(rows))
+    manifest_path = work / "manifest.json"
+    if overwrite and work.exists():
+        import shutil
+        shutil.rmtree(work)
+    parts.mkdir(parents=True, exist_ok=True)
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"prepare_data: {work} holds a run with other settings {diff} "
+                             f"(old, new); pass --overwrite to start again")
+    else:
+        _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode())
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    from megatron_denoise.core.prefix import render_prompt_ids
+    prompt_ids = [render_prompt_ids(tokenizer, msgs) for msgs, _ in rows]
+    max_prompt = max((len(p) for p in prompt_ids), default=1)
+    max_model_len = max_prompt + settings.max_tokens
+
+    chunks = [(a, min(a + settings.chunk_size, len(rows))) for a in range(0, len(rows), settings.chunk_size)]
+    part_path = lambda c: parts / f"part-{c:05d}.parquet"  # noqa: E731
+    todo = [c for c in range(len(chunks)) if not part_path(c).exists()]
+    if len(todo) < len(chunks):
+        log(f"resuming: {len(chunks) - len(todo)}/{len(chunks)} chunks already done in {parts}")
+
+    t_start = time.perf_counter()
+    if todo:
+        engine = (engine_factory or _make_engine)(model, settings, max_model_len, work)
+        from megatron_denoise.reward import VerifierPool
+        scorer = VerifierPool(num_workers=settings.verifier_workers, deadline_s=settings.verifier_deadline_s)
+        try:
+            _run_chunks(todo, chunks, rows, prompt_ids, table, engine, tokenizer, scorer, settings,
+                        max_model_len, parts, part_path, progress, fail_after_chunks)
+        finally:
+            engine.close()
+            scorer.close()
+
+    # Assemble the final files from the committed parts (in chunk order).
+    tables = [pq.read_table(part_path(c)) for c in range(len(chunks))]
+    out = pa.concat_tables(tables) if tables else table
+    if out.num_rows != len(rows):
+        raise RuntimeError(f"prepare_data: assembled {out.num_rows} rows from {len(tables)} parts, expected {len(rows)}")
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet_atomic(out, final_path)
+    logs = b"".join((parts / f"log-{c:05d}.jsonl").read_bytes() for c in range(len(chunks)))
+    _write_atomic(work / "rollouts.jsonl", logs)
+    stats: Counter = Counter()
+    for c in range(len(chunks)):
+        stats.update(json.loads((parts / f"stats-{c:05d}.json").read_text()))
+    summary = _summary(stats, out.column(POOL_COLUMN).to_pylist(), settings, model, input_path, final_path,
+                       time.perf_counter() - t_start)
+    _write_atomic(work / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    log(f"wrote {final_path} ({out.num_rows} problems), {work / 'rollouts.jsonl'}, {work / 'summary.json'}")
+    log(f"accuracy {summary['accuracy']:.3f}, problems with >=1 wrong-with-box "
+        f"{summary['share_with_wrong_boxed']:.3f}, extraction rate {summary['extraction_rate']:.3f}; "
+        f"removed {summary['removed_duplicates']} duplicates, {summary['removed_truncated']} truncated")
+    return summary
+
+
+def _make_engine(model: str, s: PrepareSettings, max_model_len: int, work: Path):
+    from megatron_denoise.config.schema import RolloutConfig
+    from megatron_denoise.rollout.engine import make_engine
+
+    cfg = RolloutConfig(engine=s.engine, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    return make_engine(model, cfg, max_model_len=max_model_len, run_dir=str(work), dtype=s.dtype)
+
+
+def _run_chunks(todo, chunks, rows, prompt_ids, table, engine, tokenizer, scorer, s, max_model_len, parts,
+                part_path, progress, fail_after_chunks) -> None:
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    total = sum(chunks[c][1] - chunks[c][0] for c in todo)
+    bar = tqdm(total=total, unit="problem", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    t0, tokens, done = time.perf_counter(), 0, 0
+    for written, c in enumerate(todo, start=1):
+        a, b = chunks[c]
+        res = _process_chunk(rows[a:b], a, prompt_ids[a:b], engine, tokenizer, scorer, s, max_model_len)
+        part = table.slice(a, b - a)
+        part = part.append_column(POOL_COLUMN, pa.array(res.pools, type=pa.list_(pa.string())))
+        part = part.append_column(FINISH_COLUMN, pa.array(res.finishes, type=pa.list_(pa.string())))
+        part = part.append_column(LENGTH_COLUMN, pa.array(res.lengths, type=pa.list_(pa.int32())))
+        # Log and stats first, the part last: an existing part means a complete chunk.
+        _write_atomic(parts / f"log-{c:05d}.jsonl",
+                      "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in res.log).encode())
+        _write_atomic(parts / f"stats-{c:05d}.json", json.dumps(dict(res.stats)).encode())
+        _write_parquet_atomic(part, part_path(c))
+        tokens += res.stats["tokens"]
+        done += b - a
+        dt = max(time.perf_counter() - t0, 1e-9)
+        bar.update(b - a)
+        bar.set_postfix_str(f"{done / dt:.2f} problems/s, {tokens / dt:.0f} tokens/s")
+        if fail_after_chunks is not None and written >= fail_after_chunks:
+            bar.close()
+            sys.stderr.write(f"prepare_data: fault injection: exiting hard after {written} chunk(s)\n")
+            sys.stderr.flush()
+            os._exit(17)  # like a kill: no cleanup, no final assembly
+    bar.close()
+
+
+def _summary(stats: Counter, pools: list, s: PrepareSettings, model: str, input_path: Path, final_path: Path,
+             seconds: float) -> dict:
+    n = max(stats["samples"], 1)
+    problems = max(stats["problems"], 1)
+    hist = Counter(len(p) for p in pools)
+    return dict(
+        input=str(input_path), output=str(final_path), model=str(model), settings=asdict(s),
+        problems=stats["problems"], samples=stats["samples"],
+        accuracy=stats["correct"] / n,
+        share_with_wrong_boxed=stats["problems_with_pool"] / problems,
+        extraction_rate=stats["boxed"] / n,
+        wrong_with_box=stats["wrong_with_box"],
+        pool_entries=sum(len(p) for p in pools),
+        pool_size_histogram={str(k): hist[k] for k in sorted(hist)},
+        removed_duplicates=stats["removed_duplicate"], removed_truncated=stats["removed_truncated"],
+        truncated_samples=stats["truncated"],
+        verifier_status={k[len("status_"):]: v for k, v in stats.items() if k.startswith("status_")},
+        generated_tokens=stats["tokens"], seconds_this_invocation=round(seconds, 2),
+    )
