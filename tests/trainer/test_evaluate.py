@@ -173,3 +173,50 @@ def test_evaluate_rejects_empty_set(pool):
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="'aime25' has no problems"):
         evaluate(CannedEngine(tok, {}), tok, {"aime25": []}, EvalConfig(), scorer=pool, max_tokens=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command: named sets from the data layer, a real (transformers) engine on a tiny model
+# ---------------------------------------------------------------------------------------------
+
+def test_evaluate_command_on_tiny_model(tmp_path, capsys):
+    from megatron_denoise.data import load_eval_set
+    from megatron_denoise.launch.evaluate import main
+    from megatron_denoise.models_cache import tiny_random_model
+
+    model = tiny_random_model("llama", tokenizer="bytes")
+    out = tmp_path / "eval"
+    rc = main(["--model", model, "--sets", "math500", "aime24", "--k", "2", "--engine", "hf",
+               "--max-tokens", "6", "--max-problems", "2", "--temperature", "0.7", "--workers", "1",
+               "--output", str(out), "--save-samples"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "| math500 | 2 | 2 |" in stdout and "| aime24 | 2 | 2 |" in stdout
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["model"] == model and set(res["sets"]) == {"math500", "aime24"}
+    assert res["settings"]["temperature"] == 0.7 and res["settings"]["top_p"] == 0.95
+    assert res["settings"]["max_tokens"] == 6 and res["settings"]["k"] == {"math500": 2, "aime24": 2}
+    assert (out / "eval_results.md").read_text().strip() == res_table(stdout)
+
+    samples = [json.loads(l) for l in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8  # 2 sets x 2 problems x k = 2
+    truths = {s: [p.ground_truth for p in load_eval_set(s, max_problems=2)] for s in ("math500", "aime24")}
+    for name, r in res["sets"].items():
+        mine = [s for s in samples if s["set"] == name]
+        assert [s["ground_truth"] for s in mine[::2]] == truths[name]
+        assert all(1 <= s["tokens"] <= 6 for s in mine)
+        assert r["truncated_fraction"] == sum(s["finish_reason"] == "length" for s in mine) / 4
+        # the JSON's per-problem means and AVG@k are the sample scores' means
+        per = [(mine[2 * i]["score"] + mine[2 * i + 1]["score"]) / 2 for i in range(2)]
+        assert r["per_problem"] == per and r["avg_at_k"] == pytest.approx(sum(per) / 2)
+
+    # a folder that is not a model is refused with a clear message
+    assert main(["--model", str(tmp_path), "--sets", "math500"]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def res_table(stdout: str) -> str:
+    lines = stdout.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| set |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return "\n".join(lines[start:end])
