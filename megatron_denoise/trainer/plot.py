@@ -14,6 +14,7 @@ state, no display needed), so this also runs inside a training process or a head
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -41,7 +42,8 @@ class Panel:
     series: tuple[Series, ...]
     stacked: bool = False  # stacked areas (parts of a whole), e.g. the step-time split
     total: Optional[Series] = None  # drawn as a line over a stacked panel (e.g. time/step)
-    prefix: Optional[str] = None  # dynamic panel: every metric whose name starts with this
+    pattern: Optional[str] = None  # dynamic panel: every metric whose name fully matches this regex;
+    # the curve's label is the regex's first group
 
 
 PANELS: tuple[Panel, ...] = (
@@ -62,7 +64,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("step_time", "Step time breakdown", "seconds", tuple(
         Series((f"time/{p}",), p) for p in TIME_PHASES),
         stacked=True, total=Series(("time/step",), "step (total)")),
-    Panel("validation", "Validation AVG@k", "accuracy", (), prefix="val/"),
+    # evaluate.EvalResult.metrics(): val/<set>/avg@<k> and val/overall (mean of the sets)
+    Panel("validation", "Validation AVG@k", "accuracy", (), pattern=r"val/(.+/avg@\d+|overall)"),
 )
 
 
@@ -84,9 +87,10 @@ def _column(records: Sequence[dict], key: str) -> tuple[list[float], list[float]
 
 def _resolve(records: Sequence[dict], panel: Panel) -> list[tuple[Series, str]]:
     """The series of `panel` that have at least one finite value, with the key found."""
-    if panel.prefix is not None:
-        keys = sorted({k for r in records for k in r if k.startswith(panel.prefix)})
-        series = [Series((k,), k[len(panel.prefix):]) for k in keys]
+    if panel.pattern is not None:
+        rx = re.compile(panel.pattern)
+        keys = sorted({k for r in records for k in r if rx.fullmatch(k)})
+        series = [Series((k,), rx.fullmatch(k).group(1)) for k in keys]
     else:
         series = list(panel.series)
     found = []
@@ -144,7 +148,7 @@ def plot_records(records: Sequence[dict], out_dir: Union[str, Path], *, panels: 
         drawn = {s for s, _ in found}
         missing = [s.keys[0] for s in panel.series if s not in drawn]
         if not found:
-            what = f"metrics {panel.prefix}*" if panel.prefix else ", ".join(wanted)
+            what = f"metrics matching {panel.pattern}" if panel.pattern else ", ".join(wanted)
             result.notes.append(f"skipped {panel.name}.png: no finite values of {what}")
             continue
         if missing:

@@ -262,7 +262,8 @@ def _synthetic_run(run_dir, steps=20, reward_slope=0.02, k0=False):
                 m["time/old_logprob"] = 0.6  # a phase that is absent on some steps
             log.log(s, m)
             if s % 10 == 0:
-                log.log(s, {"val/math500/avg@1": 0.25 + 0.01 * s, "val/overall": 0.2 + 0.01 * s})
+                log.log(s, {"val/math500/avg@1": 0.25 + 0.01 * s, "val/overall": 0.2 + 0.01 * s,
+                            "val/math500/response_tokens": 900.0})  # not an accuracy: not drawn
 
 
 def _rgb(path):
@@ -288,6 +289,14 @@ def test_plot_command_writes_curves(tmp_path, capsys):
         assert img.shape == (400, 640, 3), n  # figsize 6.4 x 4.0 in at 100 dpi
         assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20, n  # not a blank canvas
     assert _rgb(plots / "overview.png").shape == (640, 1536, 3)  # 3 x 2 grid of 6 panels
+
+    # validation: exactly the AVG@k curves and the overall mean (the 900-token curve would
+    # stretch the axis to 900 and squash the accuracies into one line at the bottom)
+    from megatron_denoise.trainer.plot import _resolve
+    recs = read_metrics(run)
+    val = next(p for p in PANELS if p.name == "validation")
+    assert [(s.label, k) for s, k in _resolve(recs, val)] == [("math500/avg@1", "val/math500/avg@1"),
+                                                              ("overall", "val/overall")]
 
     # the first curve is drawn in matplotlib's first colour (#1f77b4)
     blue = np.all(np.abs(_rgb(plots / "reward.png") - [31, 119, 180]) < 30, axis=-1)
