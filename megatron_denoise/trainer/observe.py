@@ -194,6 +194,8 @@ class _TensorBoardSink:
         ev = self._event_pb2.Event(wall_time=time.time(), step=int(step),
                                    summary=self._summary_pb2.Summary(value=values))
         self._writer.add_event(ev)
+        # Steps take seconds or more: flushing each one costs nothing and a kill -9 loses no step.
+        self._writer.flush()
 
     def flush(self) -> None:
         self._writer.flush()

@@ -104,10 +104,10 @@ def test_tensorboard_events_readable_and_purged_on_resume(tmp_path):
     log = MetricsLogger(tmp_path, jsonl=False)
     for s in range(1, 6):
         log.log(s, {"reward_mean": 0.1 * s, "time/generate": 2.0})
-    log.close()
     tb = tmp_path / "tensorboard"
     acc = EventAccumulator(str(tb))
-    acc.Reload()
+    acc.Reload()  # before close: every step is on disk already (a kill -9 loses none)
+    log.close()
     assert {"reward_mean", "time/generate"} <= set(acc.Tags()["scalars"])
     ev = acc.Scalars("reward_mean")
     assert [e.step for e in ev] == [1, 2, 3, 4, 5]
