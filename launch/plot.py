@@ -3,7 +3,8 @@
     python -m megatron_denoise.launch.plot RUN_DIR [--out DIR] [--dpi 100]
 
 Reads RUN_DIR/metrics.jsonl and writes RUN_DIR/plots/{reward,accuracy,recovery_rate,lengths,
-entropy,step_time,validation,overview}.png (panels without data are skipped with a note).
+entropy,loss,clip_fraction,grad_norm,fallbacks,dapo,step_time,validation}.png and overview.png
+with all of them (panels without data are skipped with a note).
 """
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
 """PNG curves of a run's metrics.jsonl: reward, main vs denoise accuracy, recovery rate, lengths,
-entropy, the step-time breakdown and validation accuracy.
+entropy, loss, clip fraction, grad norm, fallbacks, DAPO counts, the step-time breakdown and
+validation accuracy.
 
     python -m megatron_denoise.launch.plot RUN_DIR     ->  RUN_DIR/plots/*.png (+ overview.png)
 
-Metric names are those of `core.metrics.step_metrics` (reward_mean, main_accuracy, ...), the
-loss's `entropy`, the trainer's `time/<phase>` split and the validation's `val/<set>/avg@k`.
+Metric names are those of `core.metrics.step_metrics` (reward_mean, main_accuracy, ...), of the
+actor's train step (loss, pg_loss, entropy, clip_fraction, grad_norm), of
+`core.advantages.DynamicSampler.stats` (dapo/*), the trainer's `time/<phase>` split and the
+validation's `val/<set>/avg@k` (`trainer.evaluate.EvalResult.metrics`).
 A panel whose metrics are absent (e.g. entropy not logged) or all NaN (the recovery rate of a
 K = 0 run) is skipped with a note instead of failing; the overview then has one panel fewer.
 
@@ -61,6 +64,22 @@ PANELS: tuple[Panel, ...] = (
         Series(("prefix_length_mean",), "prefix p (mean, denoise rows)"))),
     Panel("entropy", "Policy entropy", "entropy (nats/token)", (
         Series(("entropy", "actor/entropy", "train/entropy"), "entropy"),)),
+    Panel("loss", "Loss", "loss", (
+        Series(("loss",), "loss"),
+        Series(("pg_loss",), "policy-gradient loss"))),
+    Panel("clip_fraction", "Clipped tokens", "fraction of loss tokens", (
+        Series(("clip_fraction",), "clip"),
+        Series(("dual_clip_fraction",), "dual clip"))),
+    Panel("grad_norm", "Gradient norm (before clipping)", "grad norm", (
+        Series(("grad_norm",), "grad norm"),)),
+    Panel("fallbacks", "Denoise slots without a prefix", "count per step", (
+        Series(("fallback_count", "fallbacks"), "fallback rows"),
+        Series(("problems_without_pool",), "problems without a pool"))),
+    Panel("dapo", "DAPO dynamic sampling", "count per step", (
+        Series(("dapo/kept",), "kept problems"),
+        Series(("dapo/dropped_all_wrong",), "dropped: all wrong"),
+        Series(("dapo/dropped_all_correct",), "dropped: all correct"),
+        Series(("dapo/gen_batches",), "generation batches"))),
     Panel("step_time", "Step time breakdown", "seconds", tuple(
         Series((f"time/{p}",), p) for p in TIME_PHASES),
         stacked=True, total=Series(("time/step",), "step (total)")),

@@ -255,7 +255,7 @@ def _synthetic_run(run_dir, steps=20, reward_slope=0.02, k0=False):
                  "main_accuracy": 0.3 + 0.01 * s, "denoise_accuracy": math.nan if k0 else 0.1 + 0.02 * s,
                  "recovery_rate": math.nan if k0 else 0.1 + 0.02 * s,
                  "continuation_length_mean": 300.0 - 5 * s, "folded_length_mean": 340.0 - 5 * s,
-                 "prefix_length_mean": 40.0,
+                 "prefix_length_mean": 40.0, "loss": 0.05 / s, "pg_loss": 0.04 / s,
                  "time/generate": 6.0, "time/reward": 0.5, "time/train": 3.0, "time/refit": 0.4,
                  "time/step": 10.5}
             if s % 2 == 0:
@@ -281,14 +281,14 @@ def test_plot_command_writes_curves(tmp_path, capsys):
     assert main([str(run)]) == 0
     out = capsys.readouterr().out
     plots = run / "plots"
-    names = {"reward", "accuracy", "recovery_rate", "lengths", "step_time", "validation", "overview"}
+    names = {"reward", "accuracy", "recovery_rate", "lengths", "loss", "step_time", "validation", "overview"}
     assert {p.stem for p in plots.glob("*.png")} == names
     assert "skipped entropy.png" in out and "wrote " + str(plots / "reward.png") in out
     for n in names - {"overview"}:
         img = _rgb(plots / f"{n}.png")
         assert img.shape == (400, 640, 3), n  # figsize 6.4 x 4.0 in at 100 dpi
         assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20, n  # not a blank canvas
-    assert _rgb(plots / "overview.png").shape == (640, 1536, 3)  # 3 x 2 grid of 6 panels
+    assert _rgb(plots / "overview.png").shape == (960, 1536, 3)  # 3 x 3 grid of 7 panels
 
     # validation: exactly the AVG@k curves and the overall mean (the 900-token curve would
     # stretch the axis to 900 and squash the accuracies into one line at the bottom)
