@@ -316,6 +316,32 @@ class MegatronActor:
         return out
 
     # --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [b, s, vocab_size] (padding columns dropped), gathered over TP,
+        for plain (unpacked, causal) sequences. pp == 1 and cp == 1 only: for checks against
+        Hugging Face and between layouts. Identical on every rank."""
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        lay = self.groups.layout
+        if lay.pp != 1 or lay.cp != 1:
+            raise ValueError(f"logits() needs pp == 1 and cp == 1 (layout: {lay})")
+        chunk = self.chunks[0]
+        b, s = input_ids.shape
+        pad = batching.round_up(s, lay.tp) - s   # sequence parallel splits the sequence over TP
+        ids = torch.nn.functional.pad(input_ids, (0, pad))
+        pos = torch.arange(s + pad)[None].expand(b, -1)
+        causal = torch.triu(torch.ones(s + pad, s + pad, dtype=torch.bool), diagonal=1)[None, None]
+        set_hidden_output(chunk, False)
+        chunk.eval()
+        try:
+            out = chunk(ids, pos, causal)                                    # [b, s, V/tp]
+        finally:
+            set_hidden_output(chunk, True)
+            chunk.train()
+        out = gather_from_tensor_model_parallel_region(out, group=self.groups.tp)
+        return out[:, :s, : self.vocab_size].float()
+
     def set_inference_mode(self, on: bool) -> None:
         """Logits output (for HF-parity checks and generation) instead of hidden states."""
         for c in self.chunks:

@@ -437,25 +437,46 @@ def shim_optimizer_type_checks() -> list:
 
 
 def shim_distopt_load() -> list:
-    """Loading the distributed optimizer's sharded state (distrib_optimizer.py
-    load_parameter_state_from_dp_reshardable) copies into leaf main params that require grad, and
-    torch AdamW then shares one `step` tensor between all parameters. On load: copy under
-    no_grad, and give each parameter its own `step` tensor afterwards (otherwise AdamW increments
-    a shared step once per parameter and the second step after resume diverges)."""
+    """Resuming the distributed optimizer without Transformer Engine / Apex (torch Adam):
+    - DistributedOptimizer.state_dict (distrib_optimizer.py:641) reads one shared Adam `step` from
+      the inner state and asserts there is exactly one value; a fresh optimizer (about to load a
+      checkpoint) has no state yet: initialise it (init_state_fn) with `step` 0 first;
+    - load_state_dict copies into leaf main params that require grad: run it under no_grad, then
+      give each parameter its own `step` tensor (torch AdamW would otherwise increment one shared
+      step once per parameter, and the second step after resume diverges)."""
     do = _mod("megatron.core.optimizer.distrib_optimizer")
     cls = do.DistributedOptimizer
+    orig_state_dict = cls.__dict__["state_dict"]
     orig_load = cls.__dict__["load_state_dict"]
 
+    def state_dict(self):
+        inner = self.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if params and all(len(inner.state.get(p, {})) == 0 for p in params):
+            if self.init_state_fn is not None:
+                self.init_state_fn(inner, self.config)
+            for p in params:
+                inner.state[p]["step"] = torch.tensor(0.0)
+        return orig_state_dict(self)
+
     def load_state_dict(self, state_dict):
+        groups = state_dict.get("optimizer", {}).get("param_groups", [])
+        steps = {float(g["step"]) for g in groups if "step" in g}
         with torch.no_grad():
             orig_load(self, state_dict)
+        if len(steps) != 1:
+            return
+        # the saved iteration, as one tensor per parameter (the per-parameter state loaded above
+        # may carry the fresh optimizer's placeholder step)
+        step = steps.pop()
         inner = self.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state.get(p)
-                if st is not None and "step" in st and torch.is_tensor(st["step"]):
-                    st["step"] = st["step"].detach().clone()
-    return [_set(cls, "load_state_dict", load_state_dict)]
+                if st is not None and len(st):
+                    st["step"] = torch.tensor(step)
+
+    return [_set(cls, "state_dict", state_dict), _set(cls, "load_state_dict", load_state_dict)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,6 +501,10 @@ SHIMS: dict[str, Shim] = {
 }
 
 
+# shims held off by `without_shim` (tests): apply_cpu_shims skips them while listed
+_HELD_OFF: set[str] = set()
+
+
 def needs_cpu_shims() -> bool:
     """True when megatron must run without CUDA."""
     return not torch.cuda.is_available()
@@ -497,7 +522,7 @@ def apply_cpu_shims(exclude: tuple[str, ...] = (), force: bool = False) -> list[
         raise KeyError(f"unknown cpu shim(s) {sorted(unknown)}; known: {sorted(SHIMS)}")
     if needs_cpu_shims() or force:
         for name, shim in SHIMS.items():
-            if name not in exclude and not shim.applied:
+            if name not in exclude and name not in _HELD_OFF and not shim.applied:
                 shim.patches = shim.install()
                 if not shim.patches:  # nothing to patch (already fine): remember it ran
                     shim.patches = [_Patch(None, "", None)]
@@ -526,9 +551,11 @@ def without_shim(name: str):
     """Run a block with one shim removed, re-applying it afterwards."""
     was = SHIMS[name].applied
     remove_cpu_shim(name)
+    _HELD_OFF.add(name)
     try:
         yield
     finally:
+        _HELD_OFF.discard(name)
         if was:
             shim = SHIMS[name]
             shim.patches = shim.install() or [_Patch(None, "", None)]

@@ -228,6 +228,214 @@ def parity(workdir: str, model: str = "dense", dispatcher: str = "alltoall", dis
     return out
 
 
+
+def _load_ref(actor, workdir: str, model: str = "dense", optimizer: str = "sgd") -> None:
+    from megatron_denoise.megatron.checkpoint import load_checkpoint
+
+    load_checkpoint(actor, Path(workdir) / f"ref_{model}_{optimizer}" / "init", load_optimizer=False, load_rng=False)
+
+
+def _weights(actor) -> list:
+    return [p.detach().clone() for m in actor.model for p in m.parameters()]
+
+
+@check
+def nan_guard(workdir: str, lay: dict | None = None) -> dict:
+    """NaN advantages -> NaN loss and grads: the update is skipped, weights unchanged, reported;
+    the next finite step updates normally."""
+    cfg = run_config("dense")
+    actor = make_actor(cfg, layout(dist.get_world_size(), **(lay or {})))
+    _load_ref(actor, workdir)
+    batch = make_batch()
+    logp, _ = actor.compute_logprobs(batch)
+    good = with_old_logprobs(batch, logp)
+    adv = good.advantages.clone()
+    adv[1] = float("nan")
+    bad = replace(good, advantages=adv)
+    before = _weights(actor)
+    m_bad = actor.train_step(bad)
+    after_bad = _weights(actor)
+    unchanged = max(float((a - b).abs().max()) for a, b in zip(before, after_bad))
+    m_good = actor.train_step(good)
+    moved = max(float((a - b).abs().max()) for a, b in zip(after_bad, _weights(actor)))
+    return {"skipped_bad": m_bad["skipped"], "loss_bad_is_nan": m_bad["loss"] != m_bad["loss"],
+            "unchanged": max_over_ranks(unchanged), "skipped_steps": actor.skipped_steps,
+            "skipped_good": m_good["skipped"], "moved_after_good": max_over_ranks(moved)}
+
+
+@check
+def ckpt_save(workdir: str, lay: dict, tag: str) -> dict:
+    """Load the reference weights, train one Adam step, save; record logits and log-probs."""
+    from megatron_denoise.megatron.checkpoint import save_checkpoint
+
+    cfg = run_config("dense", optimizer="adam")
+    actor = make_actor(cfg, layout(dist.get_world_size(), **lay))
+    _load_ref(actor, workdir, optimizer="adam")
+    batch = make_batch()
+    logp, _ = actor.compute_logprobs(batch)
+    actor.train_step(with_old_logprobs(batch, logp))
+    root = Path(workdir) / f"ckpt_{tag}"
+    save_checkpoint(actor, root, data_cursor={"epoch": 0, "index": 7})
+    logits = actor.logits(batch.input_ids)
+    logp2, ent2 = actor.compute_logprobs(batch)
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "logp": logp2, "ent": ent2}, root / "expected.pt")
+    dist.barrier()
+    return {"saved": str(root), "latest": (root / "latest").read_text().strip()}
+
+
+@check
+def ckpt_load(workdir: str, lay: dict, tag: str) -> dict:
+    """Load a checkpoint saved in another layout: identical logits and log-probs; data cursor."""
+    from megatron_denoise.megatron.checkpoint import load_checkpoint
+
+    cfg = run_config("dense", optimizer="adam")
+    actor = make_actor(cfg, layout(dist.get_world_size(), **lay))
+    root = Path(workdir) / f"ckpt_{tag}"
+    meta = load_checkpoint(actor, root)
+    exp = torch.load(root / "expected.pt", weights_only=False)
+    batch = make_batch()
+    logits = actor.logits(batch.input_ids)
+    logp, ent = actor.compute_logprobs(batch)
+    return {"logits": max_over_ranks(float((logits - exp["logits"]).abs().max())),
+            "logp": float((logp - exp["logp"]).abs().max()), "ent": float((ent - exp["ent"]).abs().max()),
+            "step": meta["step"], "cursor": meta["data_cursor"], "logits_shape": list(logits.shape)}
+
+
+@check
+def ckpt_resume(workdir: str, lay: dict, distopt: bool = True) -> dict:
+    """Same layout: step 1, save, steps 2-3 (run A); fresh actor, load, steps 2-3 (run B):
+    identical weights and metrics (optimizer state, scheduler, step restored)."""
+    from megatron_denoise.megatron.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = run_config("dense", optimizer="adam", distopt=distopt)
+    cfg.optimizer.scheduler, cfg.optimizer.warmup_steps = "cosine", 1
+    cfg.trainer.total_steps = 5
+    world = dist.get_world_size()
+    batch = make_batch()
+    actor = make_actor(cfg, layout(world, **lay))
+    _load_ref(actor, workdir, optimizer="adam")
+    logp, _ = actor.compute_logprobs(batch)
+    b = with_old_logprobs(batch, logp)
+    actor.train_step(b)
+    root = Path(workdir) / f"ckpt_resume_{int(distopt)}"
+    save_checkpoint(actor, root)
+    ma = [actor.train_step(b), actor.train_step(b)]
+    wa = _weights(actor)
+    ps.teardown()
+    actor2 = make_actor(cfg, layout(world, **lay), seed=99)
+    meta = load_checkpoint(actor2, root)
+    mb = [actor2.train_step(b), actor2.train_step(b)]
+    wb = _weights(actor2)
+    return {"weights": max_over_ranks(max(float((x - y).abs().max()) for x, y in zip(wa, wb))),
+            "loss": max(abs(x["loss"] - y["loss"]) for x, y in zip(ma, mb)),
+            "grad_norm": max(abs(x["grad_norm"] - y["grad_norm"]) for x, y in zip(ma, mb)),
+            "lr": [[x["lr"], y["lr"]] for x, y in zip(ma, mb)], "step": meta["step"], "actor_step": actor2.step}
+
+
+@check
+def ckpt_crash(workdir: str) -> dict:
+    """Save step 1, then kill -9 this process in the middle of saving step 2 (after the shards
+    are written, before the checkpoint is published). Never returns."""
+    import signal
+
+    from megatron_denoise.megatron import checkpoint as ck
+
+    cfg = run_config("dense", optimizer="adam")
+    actor = make_actor(cfg, layout(dist.get_world_size()))
+    _load_ref(actor, workdir, optimizer="adam")
+    batch = make_batch()
+    logp, _ = actor.compute_logprobs(batch)
+    b = with_old_logprobs(batch, logp)
+    actor.train_step(b)
+    root = Path(workdir) / "ckpt_crash"
+    ck.save_checkpoint(actor, root, data_cursor={"index": 1})
+    exp_logp, _ = actor.compute_logprobs(batch)
+    torch.save({"logp": exp_logp}, root / "expected_step1.pt")
+    actor.train_step(b)
+    ck._publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    ck.save_checkpoint(actor, root, data_cursor={"index": 2})
+    return {"error": "the save was expected to be killed"}
+
+
+@check
+def ckpt_after_crash(workdir: str, lay: dict) -> dict:
+    """After the killed save: `latest` still names step 1, which loads (resharded) and gives the
+    step-1 log-probs; the half-written folder is left aside."""
+    from megatron_denoise.megatron.checkpoint import latest_checkpoint, load_checkpoint
+
+    root = Path(workdir) / "ckpt_crash"
+    cfg = run_config("dense", optimizer="adam")
+    actor = make_actor(cfg, layout(dist.get_world_size(), **lay))
+    latest = latest_checkpoint(root)
+    meta = load_checkpoint(actor, root)
+    logp, _ = actor.compute_logprobs(make_batch())
+    exp = torch.load(root / "expected_step1.pt", weights_only=False)
+    return {"latest": latest.name, "step": meta["step"], "cursor": meta["data_cursor"],
+            "tmp_left": sorted(p.name for p in root.glob(".tmp-*")),
+            "logp": float((logp - exp["logp"]).abs().max())}
+
+
+# --- shims: each must still be needed (removing it breaks the megatron call it covers) -------
+
+
+def _scenario(name: str, workdir: str, lay: dict) -> None:
+    world = dist.get_world_size()
+    if name == "rng_tracker":
+        ps.initialize(layout(world, **lay), seed=3)
+    elif name in ("cuda_device_strings", "cuda_current_device"):
+        actor = make_actor(run_config("dense"), layout(world, **lay))
+        b = make_batch()
+        logp, _ = actor.compute_logprobs(b)
+        actor.train_step(with_old_logprobs(b, logp))
+    elif name in ("cuda_streams", "moe_router_gemm", "moe_split_sizes", "gloo_uneven_collectives"):
+        from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # cached on the class by earlier builds
+        actor = make_actor(run_config("moe", dispatcher="alltoall"), layout(world, **lay))
+        b = make_batch()
+        logp, _ = actor.compute_logprobs(b)
+        actor.train_step(with_old_logprobs(b, logp))
+    elif name == "distopt_load":
+        r = ckpt_resume(workdir, lay, distopt=True)
+        if r["weights"] > 1e-6 or r["loss"] > 1e-6:
+            raise AssertionError(f"resumed run diverged from the uninterrupted one: {r}")
+    elif name == "sequence_parallel_norm":
+        make_actor(run_config("dense"), layout(world, **lay))
+    elif name == "optimizer_type_checks":
+        actor = make_actor(run_config("dense", optimizer="adam", distopt=True), layout(world, **lay))
+        b = make_batch()
+        logp, _ = actor.compute_logprobs(b)
+        actor.train_step(with_old_logprobs(b, logp))
+    else:
+        raise KeyError(name)
+
+
+@check
+def shim_needed(workdir: str, shim: str, lay: dict | None = None) -> dict:
+    """Run the megatron path a shim covers without it (must fail) and with it (must work)."""
+    from megatron_denoise.megatron import cpu_shims
+
+    lay = lay or {}
+    out = {}
+    with cpu_shims.without_shim(shim):
+        try:
+            _scenario(shim, workdir, lay)
+            out["without"] = None
+        except Exception as e:  # the failure megatron hits without the shim
+            out["without"] = f"{type(e).__name__}: {e}"[:400]
+        finally:
+            if ps.is_initialized():
+                ps.teardown()
+    try:
+        _scenario(shim, workdir, lay)
+        out["with"] = None
+    except Exception:
+        out["with"] = traceback.format_exc()[-1500:]
+    out["applied"] = cpu_shims.applied_shims()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 
 
