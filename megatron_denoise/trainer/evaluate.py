@@ -166,10 +166,6 @@ def _default_prompt_ids(tokenizer: Any) -> Callable[[Problem], tuple[int, ...]]:
     return lambda p: render_prompt_ids(tokenizer, p.prompt)
 
 
-def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
 def evaluate_set(engine: Any, tokenizer: Any, name: str, problems: Sequence[Problem], k: int, *,
                  scorer: Any, max_tokens: int, temperature: float = 0.6, top_p: float = 0.95,
                  seed: int = 0, prompt_ids: Optional[Callable[[Problem], tuple[int, ...]]] = None,
@@ -184,7 +180,9 @@ def evaluate_set(engine: Any, tokenizer: Any, name: str, problems: Sequence[Prob
         raise ValueError(f"max_tokens ({max_tokens}) must be >= 1")
     t0 = time.perf_counter()
     prompt_ids = prompt_ids or _default_prompt_ids(tokenizer)
-    decode = decode or _decoder(tokenizer)
+    if decode is None:  # what the verifier sees in training too: special tokens skipped
+        from megatron_denoise.core.fold import hf_decoder
+        decode = hf_decoder(tokenizer)
     max_model_len = getattr(engine, "max_model_len", None)
 
     requests: list[RolloutRequest] = []
