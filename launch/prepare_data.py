@@ -1,6 +1,6 @@
 """Build the weak model's wrong-solution pool for a parquet of problems (METHOD.md section 1).
 
-    python -m megatron_denoise.launch.prepare_data problems.parquet [--model HF_DIR] \\
+    python -m megatron_denoise.launch.prepare_data problems.parquet|gsm8k|math_train [--model HF_DIR] \\
         [--n 8] [--temperature 1.0] [--top-p 1.0] [--max-tokens 4096] [--seed 0] \\
         [--no-dedup] [--drop-truncated] [--chunk-size 64] [--max-problems N] [--engine vllm|hf] \\
         [--output-dir DIR] [--overwrite]
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     d = PrepareSettings()
     ap = argparse.ArgumentParser(prog="megatron_denoise.launch.prepare_data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", type=Path, help="parquet of problems (reference schema)")
+    ap.add_argument("input", help="parquet/JSONL of problems (reference schema), or a named set of the data "
+                                  "layer (gsm8k, math_train, math500, ...) written to OUTPUT_DIR/<name>.parquet first")
     ap.add_argument("--model", default=None, help="weak model: HF folder (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=d.temperature)
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_denoise.rollout.pool_prep import PrepareSettings, prepare_pool
+    from megatron_denoise.rollout.pool_prep import PrepareSettings, prepare_pool, resolve_input
 
     model = args.model
     if model is None:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                chunk_size=args.chunk_size, max_problems=args.max_problems, engine=args.engine,
                                dtype=args.dtype, verifier_workers=args.workers)
     try:
-        summary = prepare_pool(args.input, model, settings, output_dir=args.output_dir, overwrite=args.overwrite,
+        summary = prepare_pool(resolve_input(args.input, args.output_dir), model, settings, output_dir=args.output_dir, overwrite=args.overwrite,
                                progress=not args.no_progress, fail_after_chunks=args.fail_after_chunks)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

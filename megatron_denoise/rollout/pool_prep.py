@@ -33,11 +33,11 @@ from typing import Any, Callable, Optional, Sequence
 from megatron_denoise.core.seeding import derive_seed
 from megatron_denoise.core.types import RolloutRequest, RowKind
 
-POOL_COLUMN = "wrong_answer_with_boxed"
+from megatron_denoise.data.schema import POOL as POOL_COLUMN  # "wrong_answer_with_boxed", list<string>
 FINISH_COLUMN = "wrong_answer_finish_reason"
 LENGTH_COLUMN = "wrong_answer_num_tokens"
 
-__all__ = ["PrepareSettings", "prepare_pool", "output_paths", "POOL_COLUMN"]
+__all__ = ["PrepareSettings", "prepare_pool", "output_paths", "resolve_input", "POOL_COLUMN"]
 
 
 @dataclass
@@ -75,32 +75,38 @@ def output_paths(input_path: Path, output_dir: Optional[Path] = None) -> tuple[P
 # Input
 
 def _read_problems(path: Path, max_problems: Optional[int]):
-    """The input table and, per row, (chat messages, ground truth); bad rows reported by index."""
-    import pyarrow.parquet as pq
+    """The input table (data layer reader: parquet or JSONL) and, per row, (chat messages, ground
+    truth). Every bad row is reported by index; preparation refuses to start with any."""
+    from megatron_denoise.data.io import read_table
+    from megatron_denoise.data.problems import table_to_problems
 
-    if not path.is_file():
-        raise FileNotFoundError(f"prepare_data: input file {path} does not exist")
-    table = pq.read_table(path)
-    for col in ("prompt", "reward_model"):
-        if col not in table.column_names:
-            raise ValueError(f"prepare_data: {path} has no column {col!r} (columns: {table.column_names})")
+    table = read_table(path)
     if max_problems is not None:
         table = table.slice(0, max_problems)
-    prompts = table.column("prompt").to_pylist()
-    rms = table.column("reward_model").to_pylist()
-    bad, rows = [], []
-    for i, (msgs, rm) in enumerate(zip(prompts, rms)):
-        gt = rm.get("ground_truth") if isinstance(rm, dict) else None
-        if not msgs or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
-                               for m in msgs):
-            bad.append(f"row {i}: prompt must be a non-empty list of {{role, content}} messages")
-        elif gt is None or (isinstance(gt, str) and not gt.strip()):
-            bad.append(f"row {i}: reward_model.ground_truth is missing or empty")
-        rows.append(([{"role": m["role"], "content": m["content"]} for m in msgs or []], gt))
-    if bad:
-        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-        raise ValueError(f"prepare_data: {path}: bad rows: " + "; ".join(bad[:10]) + more)
-    return table, rows
+    problems, report = table_to_problems(table, str(path))
+    if report.bad_rows:
+        listed = "; ".join(f"row {b.row}: {b.reason}" for b in report.bad_rows[:10])
+        more = f" (and {len(report.bad_rows) - 10} more)" if len(report.bad_rows) > 10 else ""
+        raise ValueError(f"prepare_data: {path}: {len(report.bad_rows)} bad row(s): {listed}{more}")
+    return table, [([dict(m) for m in p.prompt], p.ground_truth) for p in problems]
+
+
+def resolve_input(name_or_path: str | os.PathLike, output_dir: Optional[Path], prompt=None) -> Path:
+    """A data file, or a named set of the data layer (gsm8k, math500, ...) materialised as
+    <output_dir or .>/<name>.parquet in the reference schema."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".parquet", ".jsonl", ".json"):
+        return path
+    from megatron_denoise.data.io import write_table
+    from megatron_denoise.data.sources import NAMED_SETS, load_named_set
+
+    if str(name_or_path) not in NAMED_SETS:
+        raise FileNotFoundError(f"prepare_data: {name_or_path} is neither a file nor a named set ({sorted(NAMED_SETS)})")
+    out = (output_dir or Path(".")) / f"{name_or_path}.parquet"
+    if not out.exists():
+        table, _ = load_named_set(str(name_or_path), prompt)
+        write_table(table, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +122,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _write_parquet_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
+    from megatron_denoise.data.io import write_table  # temp file + rename
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table(table, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +210,6 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
     named by settings.engine (for other engines, e.g. a remote one, and tests).
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     input_path = Path(input_path)
@@ -262,7 +265,8 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
             scorer.close()
 
     # Assemble the final files from the committed parts (in chunk order).
-    tables = [pq.read_table(part_path(c)) for c in range(len(chunks))]
+    from megatron_denoise.data.io import read_table
+    tables = [read_table(part_path(c)) for c in range(len(chunks))]
     out = pa.concat_tables(tables) if tables else table
     if out.num_rows != len(rows):
         raise RuntimeError(f"prepare_data: assembled {out.num_rows} rows from {len(tables)} parts, expected {len(rows)}")
@@ -296,14 +300,15 @@ def _run_chunks(todo, chunks, rows, prompt_ids, table, engine, tokenizer, scorer
     import pyarrow as pa
     from tqdm import tqdm
 
+    from megatron_denoise.data.schema import with_pool_column
+
     total = sum(chunks[c][1] - chunks[c][0] for c in todo)
     bar = tqdm(total=total, unit="problem", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0, tokens, done = time.perf_counter(), 0, 0
     for written, c in enumerate(todo, start=1):
         a, b = chunks[c]
         res = _process_chunk(rows[a:b], a, prompt_ids[a:b], engine, tokenizer, scorer, s, max_model_len)
-        part = table.slice(a, b - a)
-        part = part.append_column(POOL_COLUMN, pa.array(res.pools, type=pa.list_(pa.string())))
+        part = with_pool_column(table.slice(a, b - a), res.pools, POOL_COLUMN)
         part = part.append_column(FINISH_COLUMN, pa.array(res.finishes, type=pa.list_(pa.string())))
         part = part.append_column(LENGTH_COLUMN, pa.array(res.lengths, type=pa.list_(pa.int32())))
         # Log and stats first, the part last: an existing part means a complete chunk.

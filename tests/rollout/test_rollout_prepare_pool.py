@@ -155,10 +155,10 @@ def test_resume_after_crash_writes_nothing_twice(tmp_path, tokenizer, tiny_model
 
 def test_bad_input_is_named(tmp_path, tiny_model):
     pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "x"}]]}), tmp_path / "a.parquet")
-    with pytest.raises(ValueError, match="no column 'reward_model'"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['reward_model'\]"):
         prepare_pool(tmp_path / "a.parquet", tiny_model, PrepareSettings(), progress=False)
     pq.write_table(pa.table({
         "prompt": [[{"role": "user", "content": "x"}], [], [{"role": "user", "content": "y"}]],
         "reward_model": [{"ground_truth": "1"}, {"ground_truth": "2"}, {"ground_truth": ""}]}), tmp_path / "b.parquet")
-    with pytest.raises(ValueError, match=r"row 1: prompt .*; row 2: reward_model.ground_truth"):
+    with pytest.raises(ValueError, match=r"2 bad row\(s\): row 1: prompt .*; row 2: .*ground_truth"):
         prepare_pool(tmp_path / "b.parquet", tiny_model, PrepareSettings(), progress=False)
