@@ -8,9 +8,12 @@ integers; a run resumed from `state_dict()` draws exactly what the uninterrupted
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_denoise.core.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from megatron_denoise.config.schema import DataConfig
 
 
 class DataCursor:
@@ -24,6 +27,11 @@ class DataCursor:
         self.position = 0          # items of the current epoch already drawn
         self._order_epoch = -1
         self._order: list[int] = []
+
+    @classmethod
+    def from_config(cls, num_items: int, data: "DataConfig") -> "DataCursor":
+        """The cursor `data.seed` / `data.shuffle` describe, over `num_items` problems."""
+        return cls(num_items, seed=data.seed, shuffle=data.shuffle)
 
     def order(self, epoch: int) -> list[int]:
         """The visiting order of `epoch` (a permutation of range(num_items))."""

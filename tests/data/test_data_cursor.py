@@ -45,6 +45,14 @@ def test_resume_equivalence_at_every_step(split):
     assert got == expected
 
 
+def test_from_config():
+    from megatron_denoise.config.schema import DataConfig
+
+    c = DataCursor.from_config(9, DataConfig(seed=5, shuffle=False))
+    assert (c.seed, c.shuffle, c.num_items) == (5, False, 9)
+    assert DataCursor.from_config(9, DataConfig(seed=5)).next_indices(9) == DataCursor(9, seed=5).next_indices(9)
+
+
 def test_state_mismatch_is_a_clear_error():
     c = DataCursor(5, seed=1)
     c.next_indices(3)
