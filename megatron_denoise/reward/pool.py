@@ -256,6 +256,15 @@ class VerifierPool:
                         while w.state == "ready" and queue and self._dispatch(w, queue):
                             pass
                     self._pump(results, queue)
+            except BaseException:
+                # Interrupted (KeyboardInterrupt, a failed start): answers still in flight belong
+                # to this batch; their late results must never land in a later batch.
+                for w in self._workers:
+                    if w.inflight:
+                        w.inflight.clear()
+                        w.kill()
+                        self._stats["workers_killed"] += 1
+                raise
             finally:
                 self._answers, self._golds = None, None
                 self._fill()  # replacements start now, in the background, not at the next call

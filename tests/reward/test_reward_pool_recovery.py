@@ -74,3 +74,21 @@ def test_crash_hang_and_idle_death_are_survived():
         assert len(procs) == 2 and all(p.poll() is None for p in procs)
     # close() stopped every worker process.
     assert all(p.poll() is not None for p in procs)
+
+
+def test_interrupted_batch_leaves_no_stale_results():
+    """An exception inside score_batch (here: Ctrl-C from a timer) must not leak late results."""
+    import _thread
+
+    with VerifierPool(num_workers=1, deadline_s=3.0, kill_grace_s=0.5) as pool:
+        pool.wait_ready()
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        try:
+            pool.score_batch([SLOW, r"\boxed{1}"], ["1", "1"])
+            raise AssertionError("the interrupt did not arrive")
+        except KeyboardInterrupt:
+            pass
+        res = pool.score_batch([r"\boxed{7}", r"\boxed{8}"], ["7", "9"])
+        assert [(r.answer, r.score) for r in res] == [("7", 1.0), ("8", 0.0)]
+        assert pool.stats["workers_killed"] == 1
