@@ -119,7 +119,10 @@ def _is_file_origin(filename: Any) -> bool:
 def _caller() -> tuple[str, str]:
     """(file, function) of the Python code that triggered the audited operation."""
     # Frame 0 is this function, 1 the hook, 2 the code that called exec/compile/marshal.
-    f = sys._getframe(2)
+    try:
+        f = sys._getframe(2)
+    except ValueError:  # triggered from C with no Python caller: trust nothing
+        return "", ""
     return f.f_code.co_filename, f.f_code.co_name
 
 
