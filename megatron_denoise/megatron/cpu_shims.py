@@ -241,6 +241,7 @@ class _CpuDeviceTorch:
                 dev = kwargs.get("device")
                 if dev is not None and str(dev).startswith("cuda"):
                     kwargs["device"] = "cpu"
+                kwargs.pop("pin_memory", None)  # needs an accelerator; nothing to pin for on CPU
                 return attr(*args, **kwargs)
             return factory
         return attr
@@ -266,8 +267,31 @@ def shim_cuda_device_strings() -> list:
     """Tensors allocated with a hard-coded device="cuda" (schedules.py:596, 983, 2138;
     optimizer.py:907; clip_grads.py:90-207; transformer/utils.py:35 default causal mask;
     state_dict_saver.py:204; ...): give exactly those megatron modules a `torch` whose factories
-    map cuda -> cpu (`_CpuDeviceTorch`)."""
+    map cuda -> cpu and drop pin_memory (`_CpuDeviceTorch`)."""
     return [_set(_mod(name), "torch", _CpuDeviceTorch(torch)) for name in _CUDA_STRING_MODULES]
+
+
+def _cp_rank_positions(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    """rope_utils.get_pos_emb_on_this_cp_rank on the CPU: keep chunks r and 2cp-1-r of 2cp."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    cp_idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, cp_idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+def shim_cp_rope_positions() -> list:
+    """RoPE under context parallelism selects this rank's positions with an index tensor made
+    by `torch.tensor(..., pin_memory=True).cuda()` (rope_utils.py:62-64, called from
+    rotary_pos_embedding.py:204): the same selection on the embedding's device."""
+    ru = _mod("megatron.core.models.common.embeddings.rope_utils")
+    rp = _mod("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    patches = [_set(ru, "get_pos_emb_on_this_cp_rank", _cp_rank_positions)]
+    if "get_pos_emb_on_this_cp_rank" in rp.__dict__:
+        patches.append(_set(rp, "get_pos_emb_on_this_cp_rank", _cp_rank_positions))
+    return patches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,6 +515,7 @@ SHIMS: dict[str, Shim] = {
         Shim("cuda_current_device", shim_cuda_current_device.__doc__ or "", shim_cuda_current_device),
         Shim("cuda_streams", shim_cuda_streams.__doc__ or "", shim_cuda_streams),
         Shim("cuda_device_strings", shim_cuda_device_strings.__doc__ or "", shim_cuda_device_strings),
+        Shim("cp_rope_positions", shim_cp_rope_positions.__doc__ or "", shim_cp_rope_positions),
         Shim("moe_router_gemm", shim_moe_router_gemm.__doc__ or "", shim_moe_router_gemm),
         Shim("moe_split_sizes", shim_moe_split_sizes.__doc__ or "", shim_moe_split_sizes),
         Shim("sequence_parallel_norm", shim_sequence_parallel_norm.__doc__ or "", shim_sequence_parallel_norm),
