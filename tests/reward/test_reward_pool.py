@@ -195,3 +195,11 @@ def test_slow_and_huge_inputs_are_bounded_and_score_zero(pool):
     assert wall < 2 * (DEADLINE + GRACE) + 30, wall
     # The pool is still serving.
     assert pool.score(r"\boxed{4}", 4).correct
+
+
+def test_odd_characters_do_not_break_the_protocol(pool):
+    texts = ["\\boxed{\ud800}", "\\boxed{1\x00}", "\\boxed{\u00bd}", "\\boxed{\u200b2}", "\\boxed{\U0001F600}"]
+    results = pool.score_batch(texts, ["1", "1", "1/2", "2", "3"])
+    assert all(r.status in (VerifyStatus.OK, VerifyStatus.ERROR) for r in results), results
+    assert results[0].answer == "\ud800" and results[0].score == 0.0
+    assert pool.score(r"\boxed{5}", "5").correct
