@@ -53,6 +53,13 @@ def _prompt_error(prompt: Any) -> Optional[str]:
     return None
 
 
+def _as_mapping(info: Any) -> Any:
+    """extra_info as a dict when it is an arrow map (read back as a list of (key, value) pairs)."""
+    if isinstance(info, list) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in info):
+        return dict(info)
+    return info
+
+
 def _pool_error(pool: Any, column: str) -> Optional[str]:
     if not isinstance(pool, (list, tuple)):
         return f"{column} must be a list of strings, got {type(pool).__name__}"
@@ -136,14 +143,16 @@ def rows_to_problems(
             if n > max_prompt_length:
                 reason = f"prompt is {n} tokens > data.max_prompt_length ({max_prompt_length})"
         if reason is not None:
-            info = row.get(EXTRA_INFO)
+            info = _as_mapping(row.get(EXTRA_INFO))
             if isinstance(info, Mapping) and info.get("index") is not None:
                 reason += f" (extra_info.index={info['index']})"
             report.bad_rows.append(BadRow(file, r, reason))
             continue
         source = row.get(DATA_SOURCE) or default_source
-        extra_info = row.get(EXTRA_INFO)
+        extra_info = _as_mapping(row.get(EXTRA_INFO))
         idx = extra_info.get("index") if isinstance(extra_info, Mapping) else None
+        if isinstance(idx, str) and idx.isdigit():
+            idx = int(idx)  # map-typed extra_info stores everything as strings
         uid = f"{source}:{idx if isinstance(idx, int) and not isinstance(idx, bool) else r}"
         extra = {"file": file, "row": r, EXTRA_INFO: extra_info}
         extra.update({c: row.get(c) for c in other_cols})

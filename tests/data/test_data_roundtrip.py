@@ -102,3 +102,22 @@ def test_generated_rows_round_trip_and_pool_column(tmp_path):
     assert read_table(path).equals(with_pool)
     with pytest.raises(ValueError, match="2 pools for 1 rows"):
         with_pool_column(table, [[], []])
+
+
+def test_map_typed_extra_info_passes_through(tmp_path):
+    t = pa.table({
+        "prompt": pa.array([[{"content": "q1", "role": "user"}], [{"content": "q2", "role": "user"}]], pa.list_(MSG)),
+        "reward_model": [{"ground_truth": "1", "style": "rule"}, {"ground_truth": "2", "style": "rule"}],
+        "extra_info": pa.array([[("index", "10"), ("split", "train")], [("index", "11")]],
+                               pa.map_(pa.string(), pa.string())),
+    })
+    path = tmp_path / "m.parquet"
+    pq.write_table(t, path)
+    table = read_table(path)
+    assert table.equals(pq.read_table(path))
+    problems, report = table_to_problems(table, str(path))
+    assert report.bad_rows == []
+    assert problems[0].extra["extra_info"] == {"index": "10", "split": "train"}
+    assert [p.uid for p in problems] == ["m:10", "m:11"]   # data_source defaults to the file stem
+    write_table(table, tmp_path / "m2.parquet")
+    assert pq.read_table(tmp_path / "m2.parquet").equals(pq.read_table(path))
