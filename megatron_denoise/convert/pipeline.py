@@ -283,6 +283,8 @@ def export_models_to_hf(models: Sequence[Any], cfg: ModelConfig, groups: Any, ou
     from megatron_denoise.convert.megatron_io import megatron_to_hf
 
     refuse_existing(out_dir, overwrite)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before rank 0 starts writing
     named = megatron_to_hf(models, cfg, groups)
     if groups is None or groups.rank == 0:
         summary = write_hf_folder(named, out_dir, cfg, source_hf, overwrite, max_shard_bytes, dtype, on_tensor)

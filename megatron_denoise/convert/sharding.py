@@ -100,12 +100,6 @@ def locate_expert(expert: int, num_experts: int, ep_size: int) -> tuple[int, int
     return divmod(expert, n)
 
 
-def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """megatron's rule (megatron/training/tokenizer: _vocab_size_with_padding)."""
-    m = divisible_by * tp_size
-    return ((vocab_size + m - 1) // m) * m
-
-
 def shard_range(kind: str, full_len: int, size: int, rank: int,
                 padded_len: Optional[int] = None) -> tuple[int, int]:
     """[start, stop) of a rank's slice along the shard dimension of a Hugging Face tensor.

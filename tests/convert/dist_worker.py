@@ -180,15 +180,24 @@ def record(results: dict, key: str, ok: bool, detail: str) -> None:
 
 
 def main() -> None:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints the stacks of a hang
     spec = json.load(open(sys.argv[1]))
     parallel_state.init_distributed("gloo")
     results: dict = {}
+    import time
+
     for case in spec["cases"]:
+        t0 = time.time()
         try:
             {"parity": run_parity, "ckpt": run_ckpt}[case["kind"]](case, results)
         except Exception:  # report and go on: the other checks are still informative
             results[f"{case['name']}/error"] = {"ok": False, "detail": traceback.format_exc()}
             print(traceback.format_exc(), file=sys.stderr, flush=True)
+        if dist.get_rank() == 0:
+            print(f"[time] {case['name']}: {time.time() - t0:.1f} s", flush=True)
     if dist.get_rank() == 0:
         with open(spec["out"], "w") as fh:
             json.dump(results, fh, indent=1)
