@@ -1,0 +1,63 @@
+"""The trainer's view of the data: problems drawn in a seeded, resumable order, with their
+rendered prompt ids cached by uid (the chat template is applied once per problem, not per row)."""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_denoise.config.schema import Config
+from megatron_denoise.core.prefix import render_prompt_ids
+from megatron_denoise.core.types import Problem
+
+
+class ProblemStream:
+    def __init__(self, problems: list[Problem], tokenizer: Any, seed: int, shuffle: bool, report: Any = None):
+        from megatron_denoise.data import DataCursor
+
+        self.problems = problems
+        self.tokenizer = tokenizer
+        self.cursor = DataCursor(len(problems), seed=seed, shuffle=shuffle)
+        self.report = report
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
+        self.drawn: list[str] = []  # uids drawn by this process (tests compare runs with it)
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer: Any) -> "ProblemStream":
+        from megatron_denoise.data import load_problems
+
+        problems, report = load_problems(cfg.data.train_files, cfg.data, tokenizer=tokenizer,
+                                         pool_column=cfg.denoise.pool_column)
+        return cls(problems, tokenizer, cfg.data.seed, cfg.data.shuffle, report)
+
+    def describe(self) -> str:
+        pools = sum(1 for p in self.problems if p.wrong_pool)
+        dropped = len(self.report.bad_rows) if self.report is not None else 0
+        return (f"{len(self.problems)} training problems ({pools} with a wrong-solution pool; "
+                f"{dropped} bad rows skipped)")
+
+    def next_problems(self, n: int) -> list[Problem]:
+        out = [self.problems[i] for i in self.cursor.next_indices(n)]
+        self.drawn.extend(p.uid for p in out)
+        return out
+
+    def prompt_ids(self, problem: Problem) -> tuple[int, ...]:
+        ids = self._prompt_ids.get(problem.uid)
+        if ids is None:
+            ids = self._prompt_ids[problem.uid] = render_prompt_ids(self.tokenizer, problem.prompt)
+        return ids
+
+    @property
+    def seen(self) -> int:
+        return self.cursor.seen
+
+    def state_dict(self) -> dict:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state)
+
+
+def load_eval_sets(cfg: Config, tokenizer: Any) -> dict[str, list[Problem]]:
+    from megatron_denoise.data import load_eval_set
+
+    names = list(cfg.data.val_files) or list(cfg.eval.sets)
+    return {str(n): load_eval_set(n, cfg.data, tokenizer, max_problems=cfg.eval.max_problems) for n in names}

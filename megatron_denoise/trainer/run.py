@@ -1,0 +1,183 @@
+"""Set up a training run, resume it if possible, and loop `train_step` until done or stopped.
+
+    run_training(cfg) -> exit code (0 done; EXIT_PREEMPTED after a SIGTERM/SIGINT checkpoint)
+
+Order of things: validate (already done by the loader) -> run folder -> model folder -> tokenizer
+and problems -> Ray: policy workers (one per rank) and the colocated rollout worker -> verifier
+pool -> resume (weights, optimizer, RNG, data cursor, metrics step) -> steps -> final checkpoint,
+Hugging Face export and plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_denoise.config.schema import Config
+from megatron_denoise.trainer.signals import EXIT_PREEMPTED, GracefulStop
+
+
+def _path(p: str) -> Path:
+    return Path(os.path.expanduser(str(p)))
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The HF folder to start from. The offline demo models are built on first use."""
+    if not cfg.model.hf_path:
+        raise ValueError("model.hf_path is not set: point it at a Hugging Face model folder")
+    path = _path(cfg.model.hf_path)
+    if (path / "config.json").is_file():
+        return str(path)
+    from megatron_denoise import models_cache
+
+    if path.name.startswith("smollm2-135m-instruct"):
+        return models_cache.smollm2_path()
+    if path.name.startswith("tiny-"):
+        # a tiny random-weight model of exactly the configured architecture (tests, TP demos)
+        m = cfg.model
+        return models_cache.tiny_random_model(
+            m.family, path, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups, head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon,
+            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rotary_base,
+            tie_word_embeddings=m.tie_word_embeddings, seed=cfg.trainer.seed)
+    raise FileNotFoundError(f"model.hf_path: {path} has no config.json (a Hugging Face model folder is needed)")
+
+
+class Run:
+    """Everything a run holds, created in order and closed in reverse."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = _path(cfg.logging.output_dir)
+        self.ckpt_dir = _path(cfg.checkpoint.dir)
+        self.closers: list = []
+
+    def close(self) -> None:
+        while self.closers:
+            fn = self.closers.pop()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - keep closing the rest
+                print(f"[megatron-denoise] while shutting down: {e!r}", file=sys.stderr)
+
+
+def _latest(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
+    from megatron_denoise.megatron.checkpoint import latest_checkpoint
+
+    if cfg.checkpoint.resume == "none":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    p = _path(cfg.checkpoint.resume)
+    if not (p / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
+    return p
+
+
+def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tuple = ()) -> int:
+    from transformers import AutoTokenizer
+
+    from megatron_denoise.core.fold import hf_decoder
+    from megatron_denoise.core.prefix import render_prompt_ids
+    from megatron_denoise.reward.pool import VerifierPool
+    from megatron_denoise.trainer.observe import MetricsLogger, Progress
+    from megatron_denoise.trainer.problems import ProblemStream, load_eval_sets
+    from megatron_denoise.trainer.step import StepContext, train_step
+    from megatron_denoise.trainer.workers import PolicyGroup, RolloutWorker, init_ray
+
+    stop = GracefulStop().install()
+    run = Run(cfg)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        hf_path = resolve_model_path(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(hf_path)
+        problems = ProblemStream.from_config(cfg, tokenizer)
+        print(f"[megatron-denoise] {problems.describe()}", flush=True)
+        random.seed(cfg.trainer.seed)
+
+        init_ray(cfg, str(run.run_dir))
+        policy = PolicyGroup.create(cfg, hf_path)
+        run.closers.append(policy.shutdown)
+        engine = RolloutWorker.create(cfg, hf_path, str(run.run_dir), policy)
+        run.closers.append(engine.close)
+        scorer = VerifierPool(num_workers=max(1, min(4, (os.cpu_count() or 2) // 2)))
+        run.closers.append(scorer.close)
+
+        # resume: weights + optimizer + RNG in the actor; data cursor and metrics step here
+        start = 0
+        resume_from = _latest(cfg, run.ckpt_dir)
+        if resume_from is not None:
+            meta = policy.load(str(resume_from))
+            start = int(meta["step"])
+            problems.load_state_dict(meta["data_cursor"]["problems"])
+            policy.refit(engine)  # the engine must generate with the resumed weights
+            print(f"[megatron-denoise] resumed from {resume_from} at step {start}", flush=True)
+
+        config_dict = dataclasses.asdict(cfg)
+        logger = MetricsLogger.from_config(cfg.logging, config_dict=config_dict,
+                                           resume_from_step=start + 1 if resume_from else None, run_name=cfg.name)
+        run.closers.append(logger.close)
+        progress = Progress(cfg.trainer.total_steps, start_step=start + 1, enabled=cfg.logging.progress)
+        run.closers.append(progress.close)
+        ctx = StepContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer, problems=problems,
+                          tokenizer=tokenizer, prompt_ids=problems.prompt_ids, decode=hf_decoder(tokenizer),
+                          pad_id=tokenizer.pad_token_id or 0)
+        eval_sets = load_eval_sets(cfg, tokenizer) if cfg.trainer.test_freq > 0 else {}
+
+        def save(step: int) -> str:
+            state = {"problems": problems.state_dict(), "step": step}
+            return policy.save(str(run.ckpt_dir), step, state, cfg.checkpoint.keep_last)
+
+        step = start
+        last_saved = start if resume_from is not None else None
+        while step < cfg.trainer.total_steps and not stop:
+            metrics = train_step(ctx, step)
+            step += 1
+            metrics["problems_seen"] = float(problems.seen)
+            if eval_sets and step % cfg.trainer.test_freq == 0:
+                metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, problems, step))
+            logger.log(step, metrics)
+            progress.update(step, metrics)
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+                save(step)
+                last_saved = step
+        if last_saved != step:  # at exit (done or stopped)
+            save(step)
+        if stop:
+            print(f"[megatron-denoise] stopped by {stop.requested} after step {step}; checkpoint in "
+                  f"{run.ckpt_dir}; exit {EXIT_PREEMPTED} (resume with checkpoint.resume=auto)", flush=True)
+            return EXIT_PREEMPTED
+
+        outputs = {"checkpoints": str(run.ckpt_dir), "metrics": str(run.run_dir / "metrics.jsonl"),
+                   "tensorboard": str(run.run_dir / "tensorboard")}
+        if cfg.checkpoint.export_hf_at_end:
+            hf_out = run.run_dir / "hf_export"
+            policy.export_hf(str(hf_out), hf_path)
+            outputs["hf_export"] = str(hf_out)
+        from megatron_denoise.trainer.plot import plot_run
+
+        plots = plot_run(run.run_dir)
+        outputs["plots"] = str(run.run_dir / "plots")
+        (run.run_dir / "outputs.json").write_text(json.dumps(outputs, indent=1) + "\n")
+        print("[megatron-denoise] done. Written:", flush=True)
+        for k, v in outputs.items():
+            print(f"  {k:12s} {v}", flush=True)
+        return 0
+    finally:
+        run.close()
+        stop.restore()
+
+
+def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, problems, step: int) -> dict:
+    from megatron_denoise.trainer.evaluate import evaluate
+
+    res = evaluate(engine, tokenizer, eval_sets, cfg.eval, scorer=scorer, max_tokens=cfg.data.max_response_length,
+                   seed=cfg.rollout.seed, prompt_ids=problems.prompt_ids)
+    print(res.markdown(), flush=True)
+    return res.metrics()
