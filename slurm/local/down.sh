@@ -34,4 +34,24 @@ stop() {  # stop PIDFILE...: TERM, wait up to 10 s, then KILL
 stop "$run"/pids/slurmd-*.pid
 stop "$run/pids/slurmctld.pid"
 stop "$run/pids/munged.pid"
+
+# Last, anything still carrying this cluster's SLURM_CONF in its environment: the daemons exported
+# it to slurmstepd and every job process, so this finds exactly what this cluster started, e.g.
+# after the harness was killed and the daemons died before they could end their jobs.
+sweep() {
+    local sig=$1 p found=()
+    for p in /proc/[0-9]*; do
+        p=${p#/proc/}
+        [ "$p" = $$ ] && continue
+        { tr '\0' '\n' <"/proc/$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" && found+=("$p")
+    done
+    [ ${#found[@]} -gt 0 ] || return 1
+    echo "slurm/local/down.sh: $sig to leftover processes of this cluster: ${found[*]}"
+    kill "-$sig" "${found[@]}" 2>/dev/null
+    return 0
+}
+if sweep TERM; then
+    for _ in $(seq 1 20); do sleep 0.5; sweep 0 >/dev/null || break; done
+    sweep KILL
+fi
 echo "slurm/local/down.sh: stopped the cluster in $run"

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,26 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _sweep_stale_clusters(env: dict) -> None:
+    """Clean up after an earlier session that was killed before its teardown: its daemons died with
+    it, but slurmstepd and job processes may linger. A cluster whose slurmctld still runs belongs
+    to a live session and is left alone."""
+    for run in Path("/tmp").glob("mdn-slurm-*"):
+        ctld = run / "pids" / "slurmctld.pid"
+        if not (run / "slurm.conf").exists() or (ctld.exists() and _alive(ctld)):
+            continue
+        subprocess.run(["bash", str(LOCAL / "down.sh"), str(run)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(run, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     if sys.platform != "linux":
@@ -160,9 +182,10 @@ def slurm_cluster():
     p = subprocess.run(["bash", str(LOCAL / "install.sh")], capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         _unavailable(f"slurm/local/install.sh failed ({p.returncode}): {(p.stdout + p.stderr).strip()[-2000:]}")
+    env = dict(os.environ, PATH=f"/usr/sbin:/usr/bin:/sbin:/bin:{os.environ.get('PATH', '')}")
+    _sweep_stale_clusters(env)
     # /tmp (not pytest's 0700 tmp folder): the munge user must reach its socket folder.
     run = Path(tempfile.mkdtemp(prefix="mdn-slurm-", dir="/tmp"))
-    env = dict(os.environ, PATH=f"/usr/sbin:/usr/bin:/sbin:/bin:{os.environ.get('PATH', '')}")
     p = subprocess.run(["bash", str(LOCAL / "up.sh"), str(run), "2"], env=env, capture_output=True, text=True,
                        timeout=120)
     if p.returncode != 0:
@@ -170,12 +193,23 @@ def slurm_cluster():
         pytest.fail(f"slurm/local/up.sh failed ({p.returncode}):\n{p.stdout}\n{p.stderr}", pytrace=False)
     env["SLURM_CONF"] = str(run / "slurm.conf")
     cluster = SlurmCluster(run=run, env=env)
+    # SIGTERM (e.g. from `timeout`) would end pytest without teardown and leave the jobs' processes
+    # behind: turn it into KeyboardInterrupt, after which pytest runs the teardown below.
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _term)
     try:
         yield cluster
     finally:
         subprocess.run(["bash", str(LOCAL / "down.sh"), str(run)], env=env, capture_output=True, timeout=180)
         if not os.environ.get("MDN_SLURM_KEEP"):
             shutil.rmtree(run, ignore_errors=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, old_term)
 
 
 @pytest.fixture(scope="session")
