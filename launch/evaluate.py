@@ -103,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
 
+    for name, r in result.sets.items():
+        if r.prompt_too_long:
+            print(f"note: {name}: {r.prompt_too_long} problem(s) scored 0 because the prompt leaves no room to "
+                  f"generate within data.max_prompt_length + R = {cfg.data.max_prompt_length + R} tokens")
     table = result.markdown()
     payload = result.to_dict()
     payload["model"] = str(model)
-    (out / "eval_results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "eval_results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     (out / "eval_results.md").write_text(table + "\n")
     print(table)
     if args.save_samples:

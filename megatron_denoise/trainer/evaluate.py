@@ -118,24 +118,29 @@ class EvalResult:
         return m
 
     def to_dict(self, with_samples: bool = False) -> dict:
+        """Plain JSON-able dict; NaN (nothing generated) becomes None, so the JSON stays strict."""
         sets = {}
         for name, r in self.sets.items():
             d = asdict(r)
             if not with_samples:
                 d.pop("samples")
-            sets[name] = d
+            sets[name] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
         return {"overall": self.overall, "overall_micro": self.overall_micro, "sets": sets,
                 "settings": dict(self.settings), "seconds": self.seconds}
 
     def markdown(self) -> str:
         """A markdown table: one row per set plus the overall row (accuracies in percent)."""
-        lines = ["| set | problems | k | AVG@k (%) | pass@k (%) | mean tokens | truncated (%) |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+        def num(x: float, spec: str) -> str:  # NaN when nothing was generated (all prompts too long)
+            return format(x, spec) if math.isfinite(x) else "-"
+
+        lines = ["| set | problems | k | AVG@k (%) | pass@k (%) | mean tokens | truncated (%) | prompt too long |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in self.sets.items():
             lines.append(f"| {name} | {r.num_problems} | {r.k} | {100 * r.avg_at_k:.1f} | {100 * r.pass_at_k:.1f} "
-                         f"| {r.mean_response_tokens:.0f} | {100 * r.truncated_fraction:.1f} |")
+                         f"| {num(r.mean_response_tokens, '.0f')} | {num(100 * r.truncated_fraction, '.1f')} "
+                         f"| {r.prompt_too_long} |")
         total = sum(r.num_problems for r in self.sets.values())
-        lines.append(f"| **overall** (mean of sets) | {total} | | {100 * self.overall:.1f} | | | |")
+        lines.append(f"| **overall** (mean of sets) | {total} | | {100 * self.overall:.1f} | | | | |")
         return "\n".join(lines)
 
 

@@ -158,7 +158,14 @@ def test_evaluate_end_to_end_with_canned_engine(pool, tmp_path):
     assert d["settings"]["k"] == {"aime24": 4, "math500": 1}
     table = res.markdown()
     assert "| aime24 | 3 | 4 | 50.0 | 66.7 |" in table and "| math500 | 4 | 1 | 75.0 | 75.0 |" in table
+    assert table.splitlines()[3].endswith("| 1 |")  # math500: one prompt too long
     assert "62.5" in table.splitlines()[-1]
+    empty = SetResult(name="x", k=1, num_problems=1, avg_at_k=0.0, pass_at_k=0.0, per_problem=[0.0],
+                      mean_response_tokens=math.nan, truncated_fraction=math.nan, status_counts={},
+                      prompt_too_long=1)
+    only_long = EvalResult({"x": empty}, 0.0, 0.0)
+    assert "| x | 1 | 1 | 0.0 | 0.0 | - | - | 1 |" in only_long.markdown()
+    assert json.loads(json.dumps(only_long.to_dict(), allow_nan=False))["sets"]["x"]["mean_response_tokens"] is None
 
     # k override and max_problems
     cfg2 = EvalConfig(k={"aime24": 4}, max_problems=2)
