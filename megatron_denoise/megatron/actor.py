@@ -177,9 +177,16 @@ class MegatronActor:
     def _run_schedule(self, mbs: list[MicroBatch], loss_fn: Any, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        device = self.groups.device
+        thd = self._use_thd()
+
         def forward_step(data_iterator: Any, model: Any):
-            mb = next(data_iterator)
-            out = model(mb.tokens, mb.position_ids, mb.attn_mask)
+            mb = next(data_iterator).to(device)
+            if thd:  # GPU / Transformer Engine: sequence boundaries as cu_seqlens, no [S, S] mask
+                out = model(mb.tokens, mb.position_ids, None,
+                            packed_seq_params=batching.packed_seq_params(mb, device))
+            else:    # local spec (CPU): the block-diagonal causal mask
+                out = model(mb.tokens, mb.position_ids, mb.attn_mask)
             chunk = unwrap(model)
             return out, partial(loss_fn, mb, chunk)
 
@@ -188,6 +195,18 @@ class MegatronActor:
         fb(forward_step_func=forward_step, data_iterator=self._iterators(mbs), model=self.model,
            num_microbatches=len(mbs), seq_length=mbs[0].tokens.shape[1] * lay.cp, micro_batch_size=1,
            forward_only=forward_only)
+
+    def _use_thd(self) -> bool:
+        """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
+        from megatron_denoise.megatron.model import use_transformer_engine
+
+        if not use_transformer_engine(self.options.build):
+            return False
+        if self.groups.layout.cp > 1:
+            raise NotImplementedError(
+                "packed (THD) micro-batches with context parallelism on Transformer Engine need "
+                "per-sequence CP splitting; not implemented (CPU runs CP with the mask path)")
+        return True
 
     def _vocab_start(self, chunk: Any) -> int:
         return self.groups.tp_rank * (chunk.padded_vocab_size // self.groups.layout.tp)

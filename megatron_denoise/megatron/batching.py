@@ -109,6 +109,31 @@ class MicroBatch:
         """[S] local sequence id of every position (padding mapped to 0; its mask is 0)."""
         return self.segment.clamp_min(0)
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        """The same micro-batch with its tensors on `device` (no-op on CPU)."""
+        if device.type == "cpu":
+            return self
+        moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+def packed_seq_params(mb: MicroBatch, device: torch.device) -> object:
+    """THD description of a packed micro-batch for Transformer Engine attention (GPU path): one
+    entry per sequence, plus the tail padding as a sequence of its own, so RoPE positions and
+    attention restart at every sequence boundary without an [S, S] mask."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    s = int(mb.tokens.shape[1])
+    bounds = [0]
+    for start, n in zip(mb.starts, mb.lengths):
+        bounds.append(start + n)
+    if bounds[-1] < s:
+        bounds.append(s)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
 
 def assign_rows(lengths: list[int], dp: int) -> list[list[int]]:
     """Rows per data-parallel rank: longest first to the least-loaded rank (ties: lowest rank),
@@ -265,7 +290,8 @@ def materialise(batch: ActorBatch, bins: list[list[int]], seq_len: int, num_micr
 def scatter_back(values: torch.Tensor, mb: MicroBatch, out: torch.Tensor) -> None:
     """Write per-position values [S_local] of a micro-batch into token-aligned rows of `out`
     [rows, W]: position t of a sequence scores its token t + 1."""
-    positions = mb.positions if mb.positions is not None else torch.arange(values.shape[0])
+    values = values.detach().cpu()
+    positions = mb.positions.cpu() if mb.positions is not None else torch.arange(values.shape[0])
     for k, r in enumerate(mb.rows):
         start, n = mb.starts[k], mb.lengths[k]
         sel = (positions >= start) & (positions < start + n - 1)
