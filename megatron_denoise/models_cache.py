@@ -224,33 +224,35 @@ def tiny_random_model(family: str = "llama", path: str | os.PathLike | None = No
         raise ValueError(f"tiny_random_model: vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)})")
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
-    if path is None:
+    cached = path is None
+    if cached:
         key = json.dumps(dict(family=family, tokenizer=tokenizer, seed=seed, vocab=vocab_size, **sizes),
                          sort_keys=True)
         import hashlib
         path = cache_root() / f"tiny-{family}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        if _is_complete(Path(path)):
-            return str(path)
     final = Path(path)
     config, arch = _config_for(family, vocab_size, special, sizes)
     config.architectures = [arch]
     config.dtype = "float32"
-
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        GenerationConfig(**special).save_pretrained(tmp)
-        if final.exists():
-            if _is_complete(final) or (final.is_dir() and not any(final.iterdir())):
-                shutil.rmtree(final)  # an earlier build of ours (or an empty folder): replace it
-            else:
-                raise FileExistsError(f"tiny_random_model: {final} exists and is not a model built here")
-        _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    with (_locked(final.name) if cached else contextlib.nullcontext()):
+        if cached and _is_complete(final):
+            return str(final)  # built before (or by a concurrent caller): readers may be using it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            GenerationConfig(**special).save_pretrained(tmp)
+            if final.exists():  # an explicit path: replace an earlier build of ours, nothing else
+                if _is_complete(final) or (final.is_dir() and not any(final.iterdir())):
+                    shutil.rmtree(final)
+                else:
+                    raise FileExistsError(f"tiny_random_model: {final} exists and is not a model built here")
+            _publish(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
