@@ -100,7 +100,7 @@ class VerifierPool:
     """Math answer verification in worker processes, with deadlines and a code-execution guard.
 
     Args:
-        num_workers: worker processes (each ~150 MB; they idle at 0% CPU between batches).
+        num_workers: worker processes (each ~70 MB resident after warm-up; idle between batches).
         deadline_s: per-answer budget inside a worker (soft, SIGALRM in the worker).
         kill_grace_s: extra wait after the deadline before the worker is killed and replaced.
         max_answer_chars: longer extracted answers score 0 (`error`) without being parsed
