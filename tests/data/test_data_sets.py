@@ -83,12 +83,20 @@ def test_prompt_template_is_configurable():
     assert all(len(p.prompt) == 1 and p.prompt[0]["content"].endswith("\\boxed{{}}.") for p in probs)
 
 
-def test_unknown_set_and_missing_eval_dir(monkeypatch, tmp_path):
+def test_unknown_set_and_eval_dir_resolution(monkeypatch, tmp_path):
+    from megatron_denoise.data import named_set
+
+    with pytest.raises(KeyError, match="named sets: .*'aime24'"):
+        named_set("aime2024")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_problems(["no_such_set_or_file.parquet"])
-    monkeypatch.setenv("MDN_EVAL_DATA_DIR", str(tmp_path))
-    import megatron_denoise.data.sources as sources
-    monkeypatch.setattr(sources, "_REPO", tmp_path)
-    if not (tmp_path / "aime24.jsonl").exists() and not __import__("os").path.exists("/work/shared/data/eval/aime24.jsonl"):
-        with pytest.raises(FileNotFoundError, match="MDN_EVAL_DATA_DIR"):
-            eval_data_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"MDN_EVAL_DATA_DIR.*{empty}"):
+        eval_data_dir([empty])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "aime24.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    monkeypatch.setenv("MDN_EVAL_DATA_DIR", str(tmp_path / "mine"))
+    assert eval_data_dir() == tmp_path / "mine"
+    probs = load_eval_set("aime24")
+    assert [p.ground_truth for p in probs] == ["2"]
