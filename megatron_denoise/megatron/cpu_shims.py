@@ -6,11 +6,20 @@ place it was hit (0.16.1 line numbers). They are applied only when no GPU is pre
 (`apply_cpu_shims()` is a no-op with CUDA) and every patch is reversible, so that the test suite
 can remove one shim and show that megatron-core still needs it.
 
-Patches are of two kinds:
-- module attribute replacements (a megatron function swapped for a CPU-correct twin), and
+Patches are of four kinds:
+- module attribute replacements (a megatron function swapped for a CPU-correct twin);
 - stand-ins for `torch.cuda.*` entry points that would raise "Torch not compiled with CUDA" on a
   CPU build (current_device, streams, events, synchronize). Replacing them changes only calls
-  that would otherwise crash.
+  that would otherwise crash;
+- the `torch` global of a few named megatron modules replaced by a view whose tensor factories
+  map device="cuda" to the CPU (hard-coded allocations);
+- `Tensor.type()` reporting CUDA type names only while three optimizer functions run, and
+  `Tensor.cuda()` returning the tensor itself only while the tied-embedding setup runs.
+
+The shims (SHIMS, in order): rng_tracker, cuda_current_device, cuda_streams, cuda_device_strings,
+cp_rope_positions, moe_router_gemm, moe_split_sizes, sequence_parallel_norm,
+gloo_uneven_collectives, tied_embedding_sync, optimizer_type_checks, distopt_load. tests/megatron/test_actor_dist.py
+removes each one in turn and checks that the megatron call it covers fails without it.
 
 Nothing here is imported by the pure algorithm layers; megatron is imported lazily inside the
 shim functions.
@@ -457,6 +466,30 @@ def shim_optimizer_type_checks() -> list:
 
 
 # ------------------------------------------------------------------------------------------------
+# tied embeddings across pipeline stages
+
+
+def shim_tied_embedding_sync() -> list:
+    """With tied input/output embeddings and pp > 1, the last stage's copy of the embedding is
+    synchronised at construction by `weight.data = weight.data.cuda()` and an all-reduce over the
+    embedding group (language_module.py:244). While exactly that method runs, Tensor.cuda() returns
+    the CPU tensor itself."""
+    lm = _mod("megatron.core.models.common.language_module.language_module")
+    cls = lm.LanguageModule
+    original = cls.__dict__["setup_embeddings_and_output_layer"]
+
+    def setup_embeddings_and_output_layer(self, *args: Any, **kwargs: Any) -> Any:
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    return [_set(cls, "setup_embeddings_and_output_layer", setup_embeddings_and_output_layer)]
+
+
+# ------------------------------------------------------------------------------------------------
 # 9. loading a distributed-optimizer checkpoint
 
 
@@ -520,6 +553,7 @@ SHIMS: dict[str, Shim] = {
         Shim("moe_split_sizes", shim_moe_split_sizes.__doc__ or "", shim_moe_split_sizes),
         Shim("sequence_parallel_norm", shim_sequence_parallel_norm.__doc__ or "", shim_sequence_parallel_norm),
         Shim("gloo_uneven_collectives", shim_gloo_uneven_collectives.__doc__ or "", shim_gloo_uneven_collectives),
+        Shim("tied_embedding_sync", shim_tied_embedding_sync.__doc__ or "", shim_tied_embedding_sync),
         Shim("optimizer_type_checks", shim_optimizer_type_checks.__doc__ or "", shim_optimizer_type_checks),
         Shim("distopt_load", shim_distopt_load.__doc__ or "", shim_distopt_load),
     )

@@ -46,6 +46,9 @@ def model_config(kind: str, dispatcher: str = "alltoall") -> ModelConfig:
                   params_dtype="float32", rotary_base=10000.0, norm_epsilon=1e-6)
     if kind == "dense":
         return ModelConfig(family="qwen3", num_layers=4, qkv_bias=True, tie_word_embeddings=False, **common)
+    if kind == "tied":  # llama family: no biases, no QK-norm, tied input/output embeddings
+        common = dict(common, qk_layernorm=False)
+        return ModelConfig(family="llama", num_layers=4, qkv_bias=False, tie_word_embeddings=True, **common)
     if kind == "moe":
         return ModelConfig(family="qwen3_moe", num_layers=2, qkv_bias=False, tie_word_embeddings=False,
                            moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=64, aux_loss_coeff=0.0,
@@ -431,6 +434,8 @@ def _scenario(name: str, workdir: str, lay: dict) -> None:
         r = ckpt_resume(workdir, lay, distopt=True)
         if r["weights"] > 1e-6 or r["loss"] > 1e-6:
             raise AssertionError(f"resumed run diverged from the uninterrupted one: {r}")
+    elif name == "tied_embedding_sync":
+        make_actor(run_config("tied"), layout(world, **lay))
     elif name == "sequence_parallel_norm":
         make_actor(run_config("dense"), layout(world, **lay))
     elif name == "optimizer_type_checks":

@@ -90,6 +90,7 @@ SHIMS_2P = {
     "sequence_parallel_norm": ("sequence parallel", {"tp": 2, "sequence_parallel": True}),
     "distopt_load": ("", {}),  # without it the resumed run diverges (or asserts)
     "cp_rope_positions": ("CUDA", {"cp": 2}),
+    "tied_embedding_sync": ("CUDA", {"pp": 2}),
 }
 LAYOUTS_2P = {
     "tp2": dict(lay={"tp": 2}),
@@ -101,6 +102,8 @@ LAYOUTS_2P = {
     "moe_ep2_alltoall": dict(model="moe", lay={"ep": 2}),
     "moe_ep2_allgather": dict(model="moe", dispatcher="allgather", lay={"ep": 2}),
     "cp2": dict(lay={"cp": 2}),
+    "tied_tp2": dict(model="tied", lay={"tp": 2}),
+    "tied_pp2": dict(model="tied", lay={"pp": 2}),  # embedding/output grads synced across stages
 }
 LAYOUTS_4P = {
     "tp2_pp2": dict(lay={"tp": 2, "pp": 2, "sequence_parallel": True}),
@@ -119,6 +122,7 @@ def l1(workdir) -> dict:
         {"name": "ref_dense", "kind": "reference", "args": {"model": "dense"}},
         {"name": "ref_dense_adam", "kind": "reference", "args": {"model": "dense", "optimizer": "adam"}},
         {"name": "ref_moe", "kind": "reference", "args": {"model": "moe"}},
+        {"name": "ref_tied", "kind": "reference", "args": {"model": "tied"}},
     ]
     checks += [{"name": f"shim_{s}", "kind": "shim_needed", "args": {"shim": s}} for s in SHIMS_1P]
     checks.append({"name": "split_invariance", "kind": "split_invariance"})
@@ -157,7 +161,7 @@ def l3(workdir, l1) -> dict:
 
 
 def test_references_ran(l1):
-    for name in ("ref_dense", "ref_dense_adam", "ref_moe"):
+    for name in ("ref_dense", "ref_dense_adam", "ref_moe", "ref_tied"):
         r = ok(l1, name)
         assert r["finite"]
         m = r["metrics"]
@@ -184,10 +188,10 @@ def _assert_parity(r: dict) -> None:
         assert r[f"metric_{key}"] < TOL, (key, r[f"metric_{key}"])
     if "grads" in r:
         g = r["grads"]
-        assert g["n"] >= 10 and not g["only_a"] and not g["only_b"], g
+        assert g["n"] >= 8 and not g["only_a"] and not g["only_b"], g
         assert g["max"] < TOL, g
     a = r["after"]
-    assert a["n"] >= 10 and not a["only_a"] and not a["only_b"], a
+    assert a["n"] >= 8 and not a["only_a"] and not a["only_b"], a
     assert a["max"] < TOL, a
     assert r["moved"] > 10 * TOL  # the step really moved the weights (Adam: about lr = 1e-3)
 
