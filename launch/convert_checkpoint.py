@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source-hf", default=None,
                    help="--to-hf: HF folder to take config fields and tokenizer files from "
                         "(default: the one recorded at import)")
+    p.add_argument("--config", default=None,
+                   help="the run's YAML config: with --to-hf its model section describes the checkpoint (actor "
+                        "checkpoints written by training); with --from-hf it must describe the same model as "
+                        "the HF folder's config.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination folder")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="--to-hf: dtype of the written tensors (default: as in the model, float32 on CPU)")
@@ -82,13 +86,26 @@ class _Progress:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; bad input (unknown architecture, mismatching configs, missing/extra tensors,
+    shape mismatches, an existing destination) ends with one clear message and exit code 2."""
     args = _parser().parse_args(argv)
+    from megatron_denoise.convert.errors import ConversionError
+
+    try:
+        return _run(args)
+    except (ConversionError, FileExistsError, FileNotFoundError) as e:
+        print(f"mdn-convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from megatron_denoise.convert.errors import ConversionError
     from megatron_denoise.convert.hf_config import model_config_from_hf, read_hf_config
     from megatron_denoise.convert.pipeline import (export_dist_checkpoint_to_hf, import_hf_to_dist_checkpoint,
                                                    model_config_from_dict, read_sidecar, refuse_existing,
-                                                   single_process_groups)
+                                                   resolve_checkpoint, single_process_groups)
     from megatron_denoise.convert.tables import NameTable
     from megatron_denoise.layout import ParallelLayout
 
@@ -98,15 +115,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layout = ParallelLayout(world_size=world, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.tp,
                             sequence_parallel=args.tp > 1)
     t0 = time.time()
+    run_cfg = None
+    if args.config:
+        from megatron_denoise.config.loader import load_config
+
+        run_cfg = load_config(args.config, validate=False).model
     if args.from_hf:
         cfg = model_config_from_hf(read_hf_config(args.hf), hf_path=args.hf)
+        if run_cfg is not None:
+            from megatron_denoise.convert.hf_config import check_same_model
+
+            check_same_model(run_cfg, cfg, f"{args.config} (model)", os.path.join(args.hf, "config.json"))
         n = len(NameTable(cfg).entries)
     else:
-        side = read_sidecar(args.checkpoint) or {}
+        side = read_sidecar(resolve_checkpoint(args.checkpoint)) or {}
         src = args.source_hf or side.get("source_hf")
-        cfg = (model_config_from_dict(side["model"]) if "model" in side
-               else model_config_from_hf(read_hf_config(src), hf_path=src) if src else None)
-        n = len(NameTable(cfg).hf_names()) if cfg is not None else None
+        if run_cfg is not None:
+            cfg = run_cfg
+            src = src or cfg.hf_path
+        elif "model" in side:
+            cfg = model_config_from_dict(side["model"])
+        else:
+            if not src:
+                raise ConversionError(f"{args.checkpoint}: no model description found; pass --config (the run's "
+                                      f"YAML) or --source-hf (the HF folder it started from)")
+            cfg = model_config_from_hf(read_hf_config(src), hf_path=src)
+        n = len(NameTable(cfg).hf_names())
     groups = single_process_groups(layout)
     rank0 = groups.rank == 0
     bar = _Progress(n, "import" if args.from_hf else "export", rank0 and not args.no_progress)
@@ -121,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{time.time() - t0:.1f} s")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            s = export_dist_checkpoint_to_hf(args.checkpoint, args.hf, groups, cfg=cfg, source_hf=args.source_hf,
+            s = export_dist_checkpoint_to_hf(args.checkpoint, args.hf, groups, cfg=cfg, source_hf=src,
                                              overwrite=args.overwrite, max_shard_bytes=_bytes(args.max_shard_size),
                                              dtype=dtype, on_tensor=bar if rank0 else None)
             bar.close()

@@ -165,6 +165,11 @@ def load_hf_into_megatron(models: Sequence[Any], hf: "str | HFReader", cfg: Mode
     if unknown:
         raise UnexpectedTensorsError(unknown, "the megatron model (parameters without a table entry: "
                                               "does the model config match the checkpoint?)")
+    expected = {e.mcore for e in table.entries if _owner(e, cfg, shard) == _here(e, shard)}
+    missing = expected - set(params)
+    if missing:
+        raise MissingTensorsError(sorted(missing), f"the megatron model on pp_rank {shard.pp_rank}, "
+                                                   f"ep_rank {shard.ep_rank} (the table expects them there)")
     report = LoadReport()
     with torch.no_grad():
         for canon, p in params.items():
@@ -217,6 +222,11 @@ def _owner(e: Entry, cfg: ModelConfig, shard: ShardInfo) -> tuple[int, int]:
         pp_rank = shard.pp_size - 1
     ep_rank = locate_expert(e.expert, cfg.moe.num_experts, shard.ep_size)[0] if e.expert is not None else 0
     return pp_rank, ep_rank
+
+
+def _here(e: Entry, shard: ShardInfo) -> tuple[int, int]:
+    """This rank's (pp_rank, ep_rank) in the terms of ``_owner``."""
+    return shard.pp_rank, (shard.ep_rank if e.expert is not None else 0)
 
 
 def _gather_tp(pieces: list[torch.Tensor], dim: Optional[int], size: int, group: Any) -> list[torch.Tensor]:
@@ -284,6 +294,12 @@ def megatron_to_hf(models: Sequence[Any], cfg: ModelConfig, groups: Any = None,
             if tuple(t.shape) != tuple(want):
                 raise ShapeMismatchError(name, want, t.shape, f"gathered from {e.mcore}")
             yield name, t
+
+
+def actor_hf_weights(actor: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The actor's current weights as (HF name, full tensor), gathered over TP/PP/EP: what the
+    rollout engine's refit pushes. Every rank of the actor must iterate it (collectives)."""
+    return megatron_to_hf(actor.model, actor.cfg.model, actor.groups)
 
 
 def to_transformers_module_state(named: "dict[str, torch.Tensor]", cfg: ModelConfig) -> dict[str, torch.Tensor]:

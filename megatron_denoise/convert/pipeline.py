@@ -161,14 +161,29 @@ def import_hf_to_dist_checkpoint(hf_dir: str, ckpt_dir: str, groups: Any, cfg: O
     return ImportSummary(ckpt_dir, int(totals[0]), int(totals[1]), cfg)
 
 
+def resolve_checkpoint(path: str) -> str:
+    """The distributed-checkpoint folder behind ``path``: the folder itself (it has
+    metadata.json), an actor checkpoint ``step_N/`` (its ``dist/``), or an actor checkpoint root
+    (the step named in ``latest``)."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "dist", "metadata.json")):
+        return os.path.join(path, "dist")
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as fh:
+            return resolve_checkpoint(os.path.join(path, fh.read().strip()))
+    raise ConversionError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json), an actor "
+                          f"checkpoint (no dist/metadata.json) or a checkpoint root (no 'latest' file)")
+
+
 def load_dist_checkpoint(ckpt_dir: str, groups: Any, cfg: ModelConfig, build_opts: Any = None) -> list:
     """Model chunks of the current layout filled from a distributed checkpoint of any layout."""
     from megatron.core import dist_checkpointing
 
     from megatron_denoise.megatron.model import build_model
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
-        raise ConversionError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     models = build_model(cfg, groups, build_opts)
     try:
         meta = dist_checkpointing.load_content_metadata(ckpt_dir)
@@ -256,6 +271,7 @@ def export_dist_checkpoint_to_hf(ckpt_dir: str, out_dir: str, groups: Any, cfg: 
     """Distributed checkpoint (any layout) -> HF folder. Call on every rank of ``groups``; rank 0
     writes and returns the summary (others return None)."""
     refuse_existing(out_dir, overwrite)
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     side = read_sidecar(ckpt_dir) or {}
     if cfg is None:
         if "model" in side:
@@ -263,7 +279,8 @@ def export_dist_checkpoint_to_hf(ckpt_dir: str, out_dir: str, groups: Any, cfg: 
         elif source_hf:
             cfg = model_config_from_hf(read_hf_config(source_hf), hf_path=source_hf)
         else:
-            raise ConversionError(f"{ckpt_dir} has no {SIDECAR}: pass the model config or the source HF folder")
+            raise ConversionError(f"{ckpt_dir} has no {SIDECAR}: pass the run config (--config) or the source "
+                                  f"HF folder (--source-hf)")
     source_hf = source_hf or side.get("source_hf") or cfg.hf_path
     if source_hf and os.path.isfile(os.path.join(source_hf, "config.json")):
         check_same_model(cfg, model_config_from_hf(read_hf_config(source_hf)), "checkpoint model config",
