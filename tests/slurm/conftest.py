@@ -219,7 +219,9 @@ def job_env(slurm_cluster):
     Ray rewrites 127.0.0.1/localhost to the machine's outward address; other 127.0.0.0/8
     addresses are left alone, so the head advertises 127.0.0.2 and the worker node 127.0.0.3.
     """
-    ray_tmp = slurm_cluster.run / "ray"  # short: Ray's unix socket paths must stay < 108 bytes
+    # one temp dir per node as on real nodes (else each node's log monitor streams every node's
+    # worker logs); short, as Ray's unix socket paths must stay < 108 bytes
+    ray_tmp = slurm_cluster.run / "ray-%n"
     return {
         "MDN_VENV": sys.prefix,
         "MDN_RAY_HEAD_IP": "127.0.0.2",

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         "config": args.config,
         "overrides": args.overrides,
         "ray_address_env": os.environ.get("RAY_ADDRESS"),
+        "ray_auth": [os.environ.get("RAY_AUTH_MODE"), len(os.environ.get("RAY_AUTH_TOKEN", ""))],
         "gcs_address": ray.get_runtime_context().gcs_address,
         "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
         "job_nodes": os.environ.get("SLURM_JOB_NUM_NODES"),

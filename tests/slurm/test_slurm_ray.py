@@ -69,6 +69,7 @@ def test_two_node_ray_cluster_sigterm_requeue_resume(slurm_cluster, job_env, tmp
         assert r["config"] == CONFIG and r["overrides"][0] == f"out={out}"
         assert r["ray_address_env"] == f"127.0.0.2:{job_env['MDN_RAY_PORT']}" == r["gcs_address"]
         assert r["job_nodes"] == "2"
+        assert r["ray_auth"] == ["token", 64]  # the job's own Ray token reached the driver
         # exactly the allocation's two nodes, each raylet started on its own Slurm node
         assert sorted(n["name"] for n in r["ray_nodes"]) == ["node1", "node2"], r["ray_nodes"]
         by_id = {n["id"]: n for n in r["ray_nodes"]}
