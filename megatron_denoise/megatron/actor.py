@@ -298,6 +298,7 @@ class MegatronActor:
         finite = torch.tensor([1.0 if (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         skipped = self.cfg.trainer.nan_guard and finite.item() < 1.0
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         if skipped:
             self.optimizer.zero_grad()
             for m in self.model:
@@ -309,7 +310,7 @@ class MegatronActor:
                 raise RuntimeError("megatron optimizer reported an unsuccessful step")
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
+        metrics.update(grad_norm=grad_norm, lr=lr,
                        skipped=1.0 if skipped else 0.0, num_micro_batches=float(len(mbs)),
                        loss_tokens=n_tok, step_time_s=time.perf_counter() - t0)
         return metrics

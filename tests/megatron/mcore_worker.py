@@ -410,6 +410,26 @@ def update_ppo(workdir: str, lay: dict | None = None) -> dict:
             "skipped": sum(m["skipped"] for m in ms)}
 
 
+@check
+def moe_aux_loss(workdir: str, coeff: float = 0.1) -> dict:
+    """The router's load-balancing loss reaches the gradients (and only through the MoE layers'
+    inputs): same reported policy loss, different router and attention gradients."""
+    cfg = run_config("moe")
+    cfg.model.moe.aux_loss_coeff = coeff
+    actor = make_actor(cfg, layout(dist.get_world_size()))
+    _load_ref(actor, workdir, model="moe")
+    ref = Path(workdir) / "ref_moe_sgd"
+    expected = torch.load(ref / "results.pt", weights_only=False)
+    capture_grads(actor)
+    m = actor.train_step(with_old_logprobs(make_batch(), expected["logp"]))
+    save_model_tensors(actor, Path(workdir) / "aux_grads", "grad")
+    got, want = plain(Path(workdir) / "aux_grads"), plain(ref / "grads")
+    diff = {k: float((got[k] - want[k]).abs().max()) for k in want}
+    router = [k for k in diff if "router" in k]
+    return {"loss": abs(m["loss"] - expected["metrics"]["loss"]), "router_grad_diff": max(diff[k] for k in router),
+            "output_grad_diff": diff["module.output_layer.weight"]}
+
+
 # --- shims: each must still be needed (removing it breaks the megatron call it covers) -------
 
 

@@ -12,6 +12,7 @@ Tolerance: 1e-5 (fp32) on losses, log-probs, logits, gradients and weights after
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -127,6 +128,7 @@ def l1(workdir) -> dict:
     checks += [{"name": f"shim_{s}", "kind": "shim_needed", "args": {"shim": s}} for s in SHIMS_1P]
     checks.append({"name": "split_invariance", "kind": "split_invariance"})
     checks.append({"name": "update_ppo", "kind": "update_ppo"})
+    checks.append({"name": "moe_aux_loss", "kind": "moe_aux_loss"})
     checks.append({"name": "ckpt_crash", "kind": "ckpt_crash"})  # last: it kills the process
     return launch(1, checks, workdir, "l1", expect_killed=True)
 
@@ -180,6 +182,13 @@ def test_update_recomputes_old_logprobs_and_steps(l1):
     assert r["steps"] == 4 and r["actor_step"] == 4 and r["skipped"] == 0
     assert abs(r["ratio_first"] - 1.0) < 1e-6 and r["clip_first"] == 0.0  # old == current at first
     assert abs(r["ratio_last"] - 1.0) > 1e-6  # later mini-batches see moved weights
+
+
+def test_moe_aux_loss_reaches_router_gradients(l1):
+    r = ok(l1, "moe_aux_loss")
+    assert r["loss"] < TOL  # the reported policy loss excludes the auxiliary loss
+    assert r["router_grad_diff"] > 1e-6  # ... which still trains the router
+    assert r["output_grad_diff"] < TOL  # the output layer sees only the policy loss
 
 
 def _assert_parity(r: dict) -> None:
@@ -250,6 +259,10 @@ def test_resume_same_layout_is_exact(l2):
     assert r["weights"] == 0.0 and r["loss"] == 0.0 and r["grad_norm"] == 0.0
     assert r["step"] == 1 and r["actor_step"] == 3
     assert all(a == b for a, b in r["lr"])
+    # cosine after one warmup step over 5 steps (megatron: warmup from 0 at step 0): the resumed
+    # steps 2 and 3 use lr(1) = 1e-3 and lr(2) = 1e-3 * (1 + cos(pi / 4)) / 2
+    assert r["lr"][0][0] == pytest.approx(1e-3)
+    assert r["lr"][1][0] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
 
 
 def test_kill9_during_save_keeps_previous_checkpoint(l1, l2):
