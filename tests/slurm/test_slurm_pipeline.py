@@ -8,6 +8,7 @@ tp=2 (two processes, MDN_NPROC=2: the script's torchrun path) -> back to HF in o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,19 @@ def test_prepare_convert_evaluate_chain(slurm_cluster, job_env):
     to_mc = sub("convert.sbatch", ["--from-hf", "--hf", model, "--checkpoint", str(ckpt), "--tp", "2",
                                    "--no-progress"],
                 work, env=dict(job_env, MDN_NPROC="2"), extra=["--cpus-per-task=2"])
+    # as an srun step that sources the environment itself (the container code path, minus pyxis)
     to_hf = sub("convert.sbatch", ["--to-hf", "--checkpoint", str(ckpt), "--hf", str(back), "--no-progress"],
-                work, env=job_env, extra=[f"--dependency=afterok:{to_mc.id}"])
+                work, env=dict(job_env, MDN_SRUN_ALL="1"), extra=[f"--dependency=afterok:{to_mc.id}"])
+    # the environment from an MDN_SETUP file instead of MDN_VENV, with no venv on PATH: `python`
+    # only has the package if the file was sourced
+    setup = work / "setup.sh"
+    setup.write_text(f". {job_env['MDN_VENV']}/bin/activate\n")
+    bare_path = ":".join(p for p in os.environ.get("PATH", "").split(":") if not p.startswith(job_env["MDN_VENV"]))
+    ev_env = {k: v for k, v in job_env.items() if k != "MDN_VENV"}
+    ev_env.update(MDN_SETUP=str(setup), PATH=f"/usr/sbin:/usr/bin:/sbin:/bin:{bare_path}")
     ev = sub("evaluate.sbatch", ["--model", str(back), "--sets", "gsm8k", "--k", "2", "--engine", "hf",
                                  "--max-tokens", "6", "--max-problems", "2", "--workers", "1", "--output", str(evald)],
-             work, env=job_env, extra=[f"--dependency=afterok:{to_hf.id}"])
+             work, env=ev_env, extra=[f"--dependency=afterok:{to_hf.id}"])
 
     for job in (prep, to_mc, to_hf, ev):
         info = slurm_cluster.wait(job, timeout=400)
@@ -54,6 +63,7 @@ def test_prepare_convert_evaluate_chain(slurm_cluster, job_env):
     assert t.num_rows == 4 and "wrong_answer_with_boxed" in t.column_names
     # the tp=2 save ran as two processes under the script's torchrun
     assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2" in slurm_cluster.output(to_mc)
+    assert "as a job step on node" in slurm_cluster.output(to_hf)
     # round trip HF -> tp=2 distributed checkpoint -> HF is bit-exact
     orig = {}
     for f in Path(model).glob("*.safetensors"):
