@@ -53,9 +53,10 @@ def _block_stats(z: torch.Tensor, local_tgt: torch.Tensor, owned: torch.Tensor, 
     Returns (max, sumexp, target, sum_pz) [c] each and e = exp(z - max) [c, n] (reused by the
     gradient-in-forward step: p = e * exp(max - lse), saving a second exp pass)."""
     m = z.amax(dim=1)  # [c]
-    e = torch.exp(z - m[:, None])  # [c, n]
+    e = torch.sub(z, m[:, None]).exp_()  # [c, n]; in place: one block, not two
     s = e.sum(dim=1)
-    q = (e * z).sum(dim=1) if with_entropy else torch.zeros_like(s)
+    # sum_j e_j z_j as c batched dot products: no [c, n] temporary for e * z
+    q = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) if with_entropy else torch.zeros_like(s)
     t = torch.where(owned, z.gather(1, local_tgt[:, None]).squeeze(1), torch.zeros_like(s))
     return m, s, t, q, e
 
@@ -86,7 +87,7 @@ def _stats_step(h, w_valid, local_tgt, owned, with_entropy: bool):
 
 def _grad_step(z, local_tgt, owned, lse, mean_logit, g_lp, g_ent, w_valid):
     """Recompute variant: p from the combined lse."""
-    p = torch.exp(z - lse[:, None])  # [c, n]
+    p = torch.sub(z, lse[:, None]).exp_()  # [c, n]
     grad = _block_grad(z, p, local_tgt, owned, mean_logit, g_lp, g_ent).to(w_valid.dtype)
     return grad, grad @ w_valid  # dL/dz [c, n] in the weight dtype, grad_hidden rows [c, H]
 

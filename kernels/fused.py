@@ -179,6 +179,16 @@ def fused_policy_loss(
     def combine(st: ShardStats) -> TokenStats:
         return combine_stats(st, tp_group)
 
+    if tp_group is not None:
+        # Every rank must walk the same chunks (per-chunk collectives in `combine`); shards of
+        # unequal size would pick different default chunk sizes: agree on the smallest.
+        import torch.distributed as dist
+
+        from .chunked import default_chunk_tokens
+
+        c = torch.tensor([chunk_tokens or default_chunk_tokens(T, max(weight_shard.shape[0], 1))])
+        dist.all_reduce(c, op=dist.ReduceOp.MIN, group=tp_group)
+        chunk_tokens = int(c.item())
     tok, grad_h, grad_w = chunked_fused(
         hidden.detach(), weight_shard.detach(), vocab_start, targets, combine=combine, coefficients=coefficients,
         vocab_size=vocab_size, with_entropy=need_entropy, chunk_tokens=chunk_tokens,

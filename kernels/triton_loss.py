@@ -74,7 +74,7 @@ if HAVE_TRITON:
                       WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
         pid = tl.program_id(0)
-        offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: T * H may exceed 2^31
         tmask = offs_t < T
         local_tgt = tl.load(tgt_ptr + offs_t, mask=tmask, other=-1) - vocab_start  # [BT] int64
         m = tl.full([BLOCK_T], -1.0e30, tl.float32)  # stats.NEG_FLOOR
@@ -82,7 +82,7 @@ if HAVE_TRITON:
         q = tl.zeros([BLOCK_T], dtype=tl.float32)
         tgt_logit = tl.zeros([BLOCK_T], dtype=tl.float32)
         for v0 in range(0, n_valid, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V)
+            offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             vmask = offs_v < n_valid
             z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, tmask, vmask, H, stride_ht, stride_hh,
                              stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST)
@@ -108,10 +108,10 @@ if HAVE_TRITON:
                      BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
         # gh_ptr: fp32 [T, H] contiguous (atomics); gw_ptr: fp32 [V_local, H] contiguous.
         pid = tl.program_id(0)
-        offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_v = (pid * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # int64: V_local * H may exceed 2^31
         vmask = offs_v < n_valid
         for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             tmask = offs_t < T
             z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, tmask, vmask, H, stride_ht, stride_hh,
                              stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST)

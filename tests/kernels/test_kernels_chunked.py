@@ -175,3 +175,16 @@ def test_dispatch_and_input_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="seq_ids"):
         fused_policy_loss(case.hidden.requires_grad_(True), case.weight, 0, case.targets, *args,
                           agg="seq-mean-token-mean")
+
+
+@pytest.mark.slow
+def test_compiled_chunked_parity() -> None:
+    """torch.compile of the per-chunk math (inductor C++ on CPU: tens of seconds to compile)."""
+    case = make_case(seed=9)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        kw = loss_kwargs(case, agg)
+        want = reference(case, **kw)
+        for grad_mode in ("in_forward", "recompute"):
+            got = run(fused_policy_loss, case, case.hidden, case.weight, impl="chunked_compiled",
+                      grad_mode=grad_mode, chunk_tokens=16, **kw)
+            assert_parity(got, want, FP32_TOL, f"compiled {agg}/{grad_mode}: ")

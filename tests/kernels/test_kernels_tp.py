@@ -54,6 +54,17 @@ def _worker(rank: int, port: int, with_triton: bool) -> None:
                 got = run(fused_policy_loss, case, case.hidden, shard, vocab_start=start, tp_group=group,
                           impl=impl, grad_mode=grad_mode, chunk_tokens=16, **kw)
                 assert_parity(got, want, FP32_TOL, f"rank {rank} {agg} {impl}/{grad_mode}: ")
+        # uneven shards (110 + 98 rows, the second ending in padding) without a chunk size: the
+        # ranks agree on one chunk size so that their per-chunk collectives line up
+        split = 110
+        lo, hi = (0, split) if rank == 0 else (split, PADDED)
+        kw = loss_kwargs(case, "seq-mean-token-sum")
+        want = reference(case, **kw)
+        want["grad_weight"] = want["grad_weight"][lo:hi]
+        for grad_mode in ("in_forward", "recompute"):
+            got = run(fused_policy_loss, case, case.hidden, case.weight[lo:hi], vocab_start=lo, tp_group=group,
+                      impl="chunked", grad_mode=grad_mode, **kw)
+            assert_parity(got, want, FP32_TOL, f"rank {rank} uneven {grad_mode}: ")
         # reduce_grad_hidden=False leaves the per-shard partial gradient for the caller to reduce
         h = case.hidden.clone().requires_grad_(True)
         lp, ent = vocab_parallel_logprobs(h, shard, start, case.targets, vocab_size=VOCAB, tp_group=group,
