@@ -155,7 +155,11 @@ def check_hf_folder(reader: HFReader, table: NameTable) -> None:
 def load_hf_into_megatron(models: Sequence[Any], hf: "str | HFReader", cfg: ModelConfig,
                           shard: Optional[ShardInfo] = None, on_tensor=None) -> LoadReport:
     """Fill this rank's model chunks from a Hugging Face folder; only this rank's slices are read.
-    ``on_tensor(name, nbytes)`` is called after each parameter (progress bars)."""
+    ``on_tensor(name, nbytes)`` is called after each parameter (progress bars).
+
+    Into a live actor: load before building the optimizer, or call the megatron optimizer's
+    ``reload_model_params()`` afterwards — with bf16/fp16 parameters its fp32 main copies are
+    separate tensors (with fp32 parameters they are views and follow automatically)."""
     shard = shard or ShardInfo()
     reader = hf if isinstance(hf, HFReader) else HFReader(hf)
     table = NameTable(cfg)

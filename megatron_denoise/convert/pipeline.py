@@ -78,12 +78,15 @@ def single_process_groups(layout: Any = None) -> Any:
     return parallel_state.initialize(layout)
 
 
-def _state_dict_for(models: Sequence[Any], metadata: Optional[dict] = None) -> dict:
+def _state_dict_for(models: Sequence[Any], metadata: Optional[dict] = None, prefix: str = "") -> dict:
     from megatron_denoise.megatron.model import unwrap
 
+    def one(m: Any) -> dict:
+        return unwrap(m).sharded_state_dict(prefix=prefix, metadata=metadata)
+
     if len(models) == 1:
-        return {"model": unwrap(models[0]).sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": unwrap(m).sharded_state_dict(metadata=metadata) for i, m in enumerate(models)}
+        return {"model": one(models[0])}
+    return {f"model{i}": one(m) for i, m in enumerate(models)}
 
 
 def refuse_existing(folder: str, overwrite: bool) -> None:
@@ -178,10 +181,12 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_dist_checkpoint(ckpt_dir: str, groups: Any, cfg: ModelConfig, build_opts: Any = None) -> list:
-    """Model chunks of the current layout filled from a distributed checkpoint of any layout."""
+    """Model chunks of the current layout filled from a distributed checkpoint of any layout.
+    Checkpoints of DDP-wrapped chunks (the actor's: keys ``module.decoder...``) load too: the key
+    prefix is detected from the checkpoint's metadata."""
     from megatron.core import dist_checkpointing
 
-    from megatron_denoise.megatron.model import build_model
+    from megatron_denoise.megatron.model import build_model, unwrap
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     models = build_model(cfg, groups, build_opts)
@@ -189,24 +194,33 @@ def load_dist_checkpoint(ckpt_dir: str, groups: Any, cfg: ModelConfig, build_opt
         meta = dist_checkpointing.load_content_metadata(ckpt_dir)
     except Exception:  # older checkpoints carry no content metadata
         meta = None
-    sharded = _state_dict_for(models, meta)
-    _check_checkpoint_keys(ckpt_dir, sharded)
+    have = set(dist_checkpointing.load_tensors_metadata(ckpt_dir))
+    prefix = _key_prefix(have)
+    sharded = _state_dict_for(models, meta, prefix)
+    _check_checkpoint_keys(ckpt_dir, sharded, have)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
-    for m, key in zip(models, sorted(loaded) if len(models) > 1 else ["model"]):
-        from megatron_denoise.megatron.model import unwrap
-
-        unwrap(m).load_state_dict(loaded[key], strict=True)
+    for i, m in enumerate(models):
+        sd = loaded["model" if len(models) == 1 else f"model{i}"]
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        unwrap(m).load_state_dict(sd, strict=True)
     return models
 
 
-def _check_checkpoint_keys(ckpt_dir: str, sharded: dict) -> None:
+def _key_prefix(keys: set) -> str:
+    """The prefix of the model's tensors in a checkpoint ('' for a bare GPTModel, 'module.' per
+    wrapper such as DDP)."""
+    for p in ("", "module.", "module.module."):
+        if p + "decoder.final_layernorm.weight" in keys or p + "embedding.word_embeddings.weight" in keys:
+            return p
+    return ""
+
+
+def _check_checkpoint_keys(ckpt_dir: str, sharded: dict, have: set) -> None:
     """Tensors the model needs that the checkpoint lacks, by name (megatron-core would fail with a
     less readable message)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    have = set(dist_checkpointing.load_tensors_metadata(ckpt_dir))
     need = {v.key for v in nested_values(sharded) if isinstance(v, ShardedTensor)}
     missing = sorted(need - have)
     if missing:

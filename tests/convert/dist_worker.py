@@ -172,6 +172,38 @@ def run_ckpt(case: dict, results: dict) -> None:
            detail + ("" if same_cfg else f"; config differs: {src} vs {exp}"))
 
 
+def run_actor(case: dict, results: dict) -> None:
+    """What training writes and what refit reads: a MegatronActor (DDP-wrapped chunks, distributed
+    optimizer) filled from HF, its weights as HF pairs (the refit source), and its atomic
+    checkpoint (model + optimizer, step_N/dist under a root with `latest`) exported to HF in
+    another layout."""
+    from dataclasses import replace
+
+    from megatron_denoise.config.schema import Config, ParallelConfig
+    from megatron_denoise.convert.megatron_io import actor_hf_weights
+    from megatron_denoise.megatron.actor import MegatronActor
+    from megatron_denoise.megatron.checkpoint import save_checkpoint
+
+    name, path = case["name"], case["hf"]
+    model_cfg = model_config_from_hf(read_hf_config(path), hf_path=path)
+    lay = case["layout"]
+    cfg = replace(Config(), model=model_cfg, parallel=ParallelConfig(
+        tensor_model_parallel_size=lay.get("tp", 1), pipeline_model_parallel_size=lay.get("pp", 1),
+        sequence_parallel=lay.get("sp", False), use_distributed_optimizer=True))
+    groups = parallel_state.initialize(layout_of(lay), seed=3)
+    actor = MegatronActor(cfg, groups)
+    load_hf_into_megatron(actor.model, path, model_cfg, shard_info(groups))
+    ok, detail = compare_to_folder(actor_hf_weights(actor), path)
+    record(results, f"{name}/actor_hf_weights", ok, detail)
+    root = shared_tmp("actor")
+    save_checkpoint(actor, os.path.join(root, "ckpts"), step=3)
+    groups = parallel_state.initialize(layout_of(case["load"]), seed=4)
+    out = os.path.join(root, "hf")
+    export_dist_checkpoint_to_hf(os.path.join(root, "ckpts"), out, groups, cfg=model_cfg, source_hf=path)
+    ok, detail = compare_to_folder(((k, HFReader(out).get(k)) for k in HFReader(out).names()), path)
+    record(results, f"{name}/actor_ckpt_to_hf", ok, detail)
+
+
 def record(results: dict, key: str, ok: bool, detail: str) -> None:
     ok = all_ok(ok)
     results[key] = {"ok": ok, "detail": detail}
@@ -192,7 +224,7 @@ def main() -> None:
     for case in spec["cases"]:
         t0 = time.time()
         try:
-            {"parity": run_parity, "ckpt": run_ckpt}[case["kind"]](case, results)
+            {"parity": run_parity, "ckpt": run_ckpt, "actor": run_actor}[case["kind"]](case, results)
         except Exception:  # report and go on: the other checks are still informative
             results[f"{case['name']}/error"] = {"ok": False, "detail": traceback.format_exc()}
             print(traceback.format_exc(), file=sys.stderr, flush=True)

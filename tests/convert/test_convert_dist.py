@@ -3,7 +3,8 @@ logits against transformers and by bit-exact round trips. All cases run in ONE t
 2 processes (see dist_worker.py); each test below asserts one recorded check.
 
 Layouts (2 ranks): tp1 (dp2), tp2, pp2, pp2 x vpp2, ep2 (MoE); distributed checkpoints saved in
-one layout and exported in another. SmolLM2-135M-Instruct (real weights) is imported at tp1
+one layout and exported in another; a MegatronActor's weights as HF pairs (the refit source) and
+its training checkpoint (model + distributed optimizer) exported in another layout. SmolLM2-135M-Instruct (real weights) is imported at tp1
 (dp2) and compared with transformers within 1e-4: its 9 heads / 3 KV groups do not divide by
 tp=2, and megatron-core 0.16.1 cannot build tied embeddings at pp>1 on CPU without a shim
 (language_module.py:244 calls .cuda()).
@@ -40,8 +41,12 @@ CKPT = {  # name: (model, saved in, exported from)
     "llama_ckpt_tp2_to_pp2": ("llama", {"tp": 2}, {"pp": 2}),
     "qwen3_moe_ckpt_ep2_to_tp1": ("qwen3_moe", {"ep": 2}, {}),
 }
+ACTOR = {  # name: (model, actor layout, export layout)
+    "qwen3_actor_tp2_to_pp2": ("qwen3", {"tp": 2}, {"pp": 2}),
+}
 CHECKS = ([f"{n}/{c}" for n in PARITY for c in ("logits", "hf_megatron_hf", "megatron_hf_megatron")]
-          + [f"{n}/ckpt_roundtrip" for n in CKPT] + ["smollm2_tp1/logits"])
+          + [f"{n}/ckpt_roundtrip" for n in CKPT]
+          + [f"{n}/{c}" for n in ACTOR for c in ("actor_hf_weights", "actor_ckpt_to_hf")] + ["smollm2_tp1/logits"])
 
 
 def _free_port() -> int:
@@ -58,6 +63,7 @@ def results(tmp_path_factory):
     models["llama_tied"] = tiny_random_model("llama", tokenizer="bytes", tie_word_embeddings=True, **SIZES)
     cases = [{"kind": "parity", "name": n, "hf": models[m], "layout": lay} for n, (m, lay) in PARITY.items()]
     cases += [{"kind": "ckpt", "name": n, "hf": models[m], "save": s, "load": l} for n, (m, s, l) in CKPT.items()]
+    cases += [{"kind": "actor", "name": n, "hf": models[m], "layout": a, "load": l} for n, (m, a, l) in ACTOR.items()]
     cases.append({"kind": "parity", "name": "smollm2_tp1", "hf": smollm2_path(), "layout": {},
                   "atol": 1e-4, "logits_only": True})
     spec = tmp / "spec.json"
