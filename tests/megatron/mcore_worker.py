@@ -498,6 +498,10 @@ def shim_needed(workdir: str, shim: str, lay: dict | None = None) -> dict:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out_path = Path(sys.argv[2])
+    # torchrun starts each rank in its own process group; the launcher kills these groups after
+    # the run (a rank killed by -9 leaves its checkpoint writer's multiprocessing manager behind)
+    groups_file = out_path.with_suffix(f".pgid.{os.environ.get('RANK', '0')}")
+    groups_file.write_text(str(os.getpgrp()))
     ps.init_distributed("gloo", timeout_minutes=3)
     results = {}
     for item in spec["checks"]:

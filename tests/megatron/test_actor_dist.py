@@ -54,10 +54,13 @@ def launch(nproc: int, checks: list[dict], workdir: Path, name: str, timeout: in
         try:
             rc = proc.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # the launcher's group, then each rank's own group (recorded by the worker)
+            pgids = {proc.pid} | {int(p.read_text()) for p in workdir.glob(f"{out.stem}.pgid.*")}
+            for pgid in pgids - {os.getpgrp()}:  # never our own group
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
     tail = log.read_text()[-6000:]
     if not out.exists():
