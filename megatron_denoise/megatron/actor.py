@@ -227,7 +227,8 @@ class MegatronActor:
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
             h = output.reshape(-1, output.shape[-1])                    # [S_local, H]
             lp, en = logprobs_from_hidden(h, chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk),
-                                          chunk.vocab_size, mb.targets, self.groups.tp)
+                                          chunk.vocab_size, mb.targets, self.groups.tp,
+                                          impl=self.options.loss_impl)
             if self._reports():
                 batching.scatter_back(lp, mb, logp_out)
                 batching.scatter_back(en, mb, ent_out)

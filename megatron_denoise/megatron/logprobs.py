@@ -188,8 +188,14 @@ def policy_loss_from_hidden(
 
 
 def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, vocab_size: int,
-                         targets: torch.Tensor, tp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [T], entropy [T]) without gradient (old / reference log-probs)."""
+                         targets: torch.Tensor, tp_group: Any, impl: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [T], entropy [T]) without gradient (old / reference log-probs). impl="fused"
+    uses the kernel's vocab-parallel log-probs (no [T, V/tp] logits)."""
     with torch.no_grad():
+        if impl == "fused":
+            from megatron_denoise.kernels import vocab_parallel_logprobs
+
+            return vocab_parallel_logprobs(hidden, weight, vocab_start, targets, vocab_size=vocab_size,
+                                           entropy=True, tp_group=tp_group)
         logits = hidden @ weight.t()
         return vocab_parallel_logprobs_from_logits(logits, targets, vocab_start, vocab_size, tp_group)

@@ -108,6 +108,9 @@ LAYOUTS_2P = {
     "cp2": dict(lay={"cp": 2}),
     "tied_tp2": dict(model="tied", lay={"tp": 2}),
     "tied_pp2": dict(model="tied", lay={"pp": 2}),  # embedding/output grads synced across stages
+    # the fused loss kernel (megatron_denoise.kernels) behind policy_loss_from_hidden
+    "tp2_sp_fused_loss": dict(lay={"tp": 2, "sequence_parallel": True}, loss_impl="fused"),
+    "cp2_fused_loss": dict(lay={"cp": 2}, loss_impl="fused"),
 }
 LAYOUTS_4P = {
     "tp2_pp2": dict(lay={"tp": 2, "pp": 2, "sequence_parallel": True}),
