@@ -135,9 +135,20 @@ def shared_tmp(tag: str) -> str:
 def run_parity(case: dict, results: dict) -> None:
     name, path = case["name"], case["hf"]
     groups = parallel_state.initialize(layout_of(case["layout"]), seed=1234)
-    models, cfg, _ = build_and_load(path, groups)
+    models, cfg, report = build_and_load(path, groups)
+    lay = groups.layout
+    if lay.tp * lay.pp * lay.ep > 1:
+        # each rank read only its slices (less than the whole folder; with tp2 about half), and the
+        # ranks together read all of it (replicated tensors more than once)
+        reader = HFReader(path)
+        total = sum(reader.get(n).numel() * 4 for n in reader.names())
+        mine = torch.tensor([report.bytes_read])
+        both = mine.clone()
+        dist.all_reduce(both)
+        record(results, f"{name}/reads_only_its_shard", mine.item() < (0.6 if lay.tp > 1 else 0.9) * total and both.item() >= total,
+               f"this rank read {mine.item()} of {total} bytes, all ranks {both.item()}")
     torch.manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))  # divisible by tp (sequence parallel)
     ref = hf_logits(path, ids)
     got = forward_logits(models, groups, ids, cfg.vocab_size)
     err = (got - ref).abs().max().item()

@@ -2,7 +2,8 @@
 logits against transformers and by bit-exact round trips. All cases run in ONE torchrun launch of
 2 processes (see dist_worker.py); each test below asserts one recorded check.
 
-Layouts (2 ranks): tp1 (dp2), tp2, pp2, pp2 x vpp2, ep2 (MoE); distributed checkpoints saved in
+Layouts (2 ranks): tp1 (dp2), tp2, pp2, pp2 x vpp2, ep2 and tp2 x etp2 with sequence parallel
+(MoE); every sharded layout also checks that a rank reads only its slices of the HF tensors; distributed checkpoints saved in
 one layout and exported in another; a MegatronActor's weights as HF pairs (the refit source) and
 its training checkpoint (model + distributed optimizer) exported in another layout. SmolLM2-135M-Instruct (real weights) is imported at tp1
 (dp2) and compared with transformers within 1e-4: its 9 heads / 3 KV groups do not divide by
@@ -36,6 +37,7 @@ PARITY = {  # name: (model, layout)
     "qwen3_tp2": ("qwen3", {"tp": 2}),
     "qwen3_moe_tp1": ("qwen3_moe", {}),
     "qwen3_moe_ep2": ("qwen3_moe", {"ep": 2}),
+    "qwen3_moe_tp2_sp": ("qwen3_moe", {"tp": 2, "sp": True}),  # experts split over etp=2
 }
 CKPT = {  # name: (model, saved in, exported from)
     "llama_ckpt_tp2_to_pp2": ("llama", {"tp": 2}, {"pp": 2}),
@@ -45,6 +47,7 @@ ACTOR = {  # name: (model, actor layout, export layout)
     "qwen3_actor_tp2_to_pp2": ("qwen3", {"tp": 2}, {"pp": 2}),
 }
 CHECKS = ([f"{n}/{c}" for n in PARITY for c in ("logits", "hf_megatron_hf", "megatron_hf_megatron")]
+          + [f"{n}/reads_only_its_shard" for n, (_, lay) in PARITY.items() if lay]
           + [f"{n}/ckpt_roundtrip" for n in CKPT]
           + [f"{n}/{c}" for n in ACTOR for c in ("actor_hf_weights", "actor_ckpt_to_hf")] + ["smollm2_tp1/logits"])
 
