@@ -119,7 +119,8 @@ def hf_config_from_model(cfg: ModelConfig, base: Optional[dict[str, Any]] = None
     model_type = ARCHITECTURES[arch][1]
     kw: dict[str, Any] = {k: v for k, v in (base or {}).items()
                           if k not in ("rope_parameters", "rope_scaling", "rope_theta", "architectures",
-                                       "transformers_version", "torch_dtype", "model_type")}
+                                       "transformers_version", "torch_dtype", "model_type",
+                                       "num_local_experts")}  # alias of num_experts, set below
     kw.update(
         architectures=[arch], vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,

@@ -74,6 +74,7 @@ class WriteSummary:
     bytes: int = 0
     files: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    dtype: Optional[str] = None   # of the floating-point tensors written, e.g. "bfloat16"
 
 
 def write_hf_shards(named: Iterable[tuple[str, torch.Tensor]], folder: str,
@@ -107,6 +108,8 @@ def write_hf_shards(named: Iterable[tuple[str, torch.Tensor]], folder: str,
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         t = t.contiguous().clone()  # own storage: safetensors refuses shared or strided tensors
+        if t.is_floating_point() and summary.dtype is None:
+            summary.dtype = str(t.dtype).replace("torch.", "")
         nbytes = t.numel() * t.element_size()
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()

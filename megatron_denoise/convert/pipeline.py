@@ -247,7 +247,7 @@ def write_hf_folder(named, out_dir: str, cfg: ModelConfig, source_hf: Optional[s
     os.makedirs(out_dir, exist_ok=True)
     summary = write_hf_shards(named, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype, on_tensor=on_tensor)
     base = read_hf_config(source_hf) if source_hf and os.path.isfile(os.path.join(source_hf, "config.json")) else None
-    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    dtype_name = summary.dtype or cfg.params_dtype  # what was written, for config.json
     hf_cfg = hf_config_from_model(cfg, base=base, dtype=dtype_name)
     write_json(os.path.join(out_dir, "config.json"), hf_cfg)
     gen_base = None

@@ -165,3 +165,27 @@ def test_transformers_expert_layout_matches_module_state(tiny):
     module = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
     assert set(stacked) == set(module)
     assert all(torch.equal(stacked[k], module[k]) for k in module)
+
+
+def test_write_hf_folder_in_bfloat16_with_configs_and_tokenizer(tiny, tmp_path):
+    from megatron_denoise.convert.pipeline import write_hf_folder
+
+    path = tiny["qwen3"]
+    cfg = model_config_from_hf(read_hf_config(path))
+    r = HFReader(path)
+    out = str(tmp_path / "bf16")
+    s = write_hf_folder(((n, r.get(n)) for n in sorted(r.names())), out, cfg, source_hf=path,
+                        dtype=torch.bfloat16)
+    assert s.dtype == "bfloat16" and set(s.tokenizer_files) >= {"tokenizer.json", "tokenizer_config.json"}
+    written = HFReader(out)
+    assert all(written.get(n).dtype == torch.bfloat16 and torch.equal(written.get(n), r.get(n).bfloat16())
+               for n in r.names())
+    assert read_hf_config(out)["dtype"] == "bfloat16"
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["eos_token_id"] == json.load(open(os.path.join(path, "generation_config.json")))["eos_token_id"]
+    # an incomplete stream is caught by the verification and names the tensor
+    with pytest.raises(MissingTensorsError, match="model.norm.weight"):
+        write_hf_folder(((n, r.get(n)) for n in sorted(r.names()) if n != "model.norm.weight"),
+                        str(tmp_path / "partial"), cfg, source_hf=path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_hf_folder(iter([]), out, cfg)
