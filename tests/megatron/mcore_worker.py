@@ -99,11 +99,12 @@ def layout(world: int, **kw) -> ParallelLayout:
     return ParallelLayout(world_size=world, etp=etp if etp is not None else tp, **kw)
 
 
-def make_actor(cfg: Config, lay: ParallelLayout, seed: int = 1, loss_impl: str = "torch"):
+def make_actor(cfg: Config, lay: ParallelLayout, seed: int = 1, loss_impl: str = "torch", recompute: bool = False):
     from megatron_denoise.megatron.actor import ActorOptions, MegatronActor
+    from megatron_denoise.megatron.model import BuildOptions
 
     groups = ps.initialize(lay, seed=seed)
-    return MegatronActor(cfg, groups, ActorOptions(loss_impl=loss_impl))
+    return MegatronActor(cfg, groups, ActorOptions(loss_impl=loss_impl, build=BuildOptions(recompute=recompute)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def reference(workdir: str, model: str = "dense", dispatcher: str = "alltoall", 
 @check
 def parity(workdir: str, model: str = "dense", dispatcher: str = "alltoall", distopt: bool = False,
            lay: dict | None = None, compare_grads: bool = True, optimizer: str = "sgd",
-           loss_impl: str = "torch") -> dict:
+           loss_impl: str = "torch", recompute: bool = False) -> dict:
     """Same run as `reference` in another layout: log-probs, metrics, grads and weights after
     one step compared with the single-process reference."""
     from megatron_denoise.megatron.checkpoint import load_checkpoint
@@ -204,7 +205,7 @@ def parity(workdir: str, model: str = "dense", dispatcher: str = "alltoall", dis
     ref = Path(workdir) / f"ref_{model}_{optimizer}"
     world = dist.get_world_size()
     cfg = run_config(model, dispatcher=dispatcher, distopt=distopt, optimizer=optimizer)
-    actor = make_actor(cfg, layout(world, **(lay or {})), loss_impl=loss_impl)
+    actor = make_actor(cfg, layout(world, **(lay or {})), loss_impl=loss_impl, recompute=recompute)
     load_checkpoint(actor, ref / "init", load_optimizer=False, load_rng=False)
     expected = torch.load(ref / "results.pt", weights_only=False)
     batch = make_batch()
@@ -219,7 +220,7 @@ def parity(workdir: str, model: str = "dense", dispatcher: str = "alltoall", dis
     out["clip_fraction"] = metrics["clip_fraction"]
     import hashlib  # (python's hash() is salted per process: ranks would disagree)
 
-    tag = f"{model}_{hashlib.md5(json.dumps(lay, sort_keys=True).encode()).hexdigest()[:8]}_{int(distopt)}_{dispatcher}_{optimizer}_{loss_impl}"
+    tag = f"{model}_{hashlib.md5(json.dumps(lay, sort_keys=True).encode()).hexdigest()[:8]}_{int(distopt)}_{dispatcher}_{optimizer}_{loss_impl}_{int(recompute)}"
     wd = Path(workdir) / f"run_{tag}"
     if compare_grads and not distopt:
         save_model_tensors(actor, wd / "grads", "grad")

@@ -111,6 +111,7 @@ LAYOUTS_2P = {
     # the fused loss kernel (megatron_denoise.kernels) behind policy_loss_from_hidden
     "tp2_sp_fused_loss": dict(lay={"tp": 2, "sequence_parallel": True}, loss_impl="fused"),
     "cp2_fused_loss": dict(lay={"cp": 2}, loss_impl="fused"),
+    "tp2_recompute": dict(lay={"tp": 2}, recompute=True),  # full activation recomputation
 }
 LAYOUTS_4P = {
     "tp2_pp2": dict(lay={"tp": 2, "pp": 2, "sequence_parallel": True}),
