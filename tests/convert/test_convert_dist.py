@@ -3,11 +3,11 @@ logits against transformers and by bit-exact round trips. All cases run in ONE t
 2 processes (see dist_worker.py); each test below asserts one recorded check.
 
 Layouts (2 ranks): tp1 (dp2), tp2, pp2, pp2 x vpp2, ep2 and tp2 x etp2 with sequence parallel
-(MoE); every sharded layout also checks that a rank reads only its slices of the HF tensors; distributed checkpoints saved in
-one layout and exported in another; a MegatronActor's weights as HF pairs (the refit source) and
-its training checkpoint (model + distributed optimizer) exported in another layout.
-SmolLM2-135M-Instruct (real weights, tied embeddings) is imported at pp2 (its 9 heads / 3 KV groups do not divide by tp=2) and compared with transformers
-within 1e-4.
+(MoE); every sharded layout also checks that a rank reads only its slices of the HF tensors.
+Distributed checkpoints are saved in one layout and exported in another; a MegatronActor's weights
+as HF pairs (the refit source) and its training checkpoint (model + distributed optimizer) are
+exported in another layout. SmolLM2-135M-Instruct (real weights, tied embeddings) is imported at
+pp2 (its 9 heads / 3 KV groups do not divide by tp=2) and compared with transformers within 1e-4.
 """
 import json
 import os
