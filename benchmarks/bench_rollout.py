@@ -2,13 +2,13 @@
 side by side in one run (timings on shared machines swing; compare the ratio within a run).
 
     python benchmarks/bench_rollout.py [--model HF_DIR] [--problems 8] [--n 6] [--k 2] \\
-        [--max-tokens 128] [--temperature 1.0] [--hf-batch-size 0] [--skip-hf-sequential]
+        [--max-tokens 128] [--temperature 1.0] [--hf-batch-size 0] [--hf-sequential]
 
 Requests are one DenoiseRL step's rows: per GSM8K problem, N main rows and K denoise rows whose
 prompt is followed by the first p tokens of a wrong solution (max_tokens R - p), all sent in
 ONE generate call. Default model: SmolLM2-135M-Instruct (models_cache). transformers runs
 batched (left-padded, rows grouped by budget; --hf-batch-size 0 = all rows of a budget at once)
-and, unless skipped, one row at a time (how the parity oracle runs). Also prints the engine's
+and, with --hf-sequential, one row at a time (how the parity oracle runs). Also prints the engine's
 start-up and weight-refit times.
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=128, help="R")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hf-batch-size", type=int, default=0, help="0: all rows of a budget in one batch")
-    ap.add_argument("--skip-hf-sequential", action="store_true")
+    ap.add_argument("--hf-sequential", action="store_true",
+                    help="also time transformers one row at a time (slow: minutes per 1k tokens on 2 cores)")
     ap.add_argument("--run-dir", default="/tmp/mdn_bench_rollout")
     args = ap.parse_args(argv)
 
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     eng.generate(reqs[:2], sampling)  # warm-up
     _, dt, tokens = timed_generate(eng, reqs, sampling)
     results["vllm (one call)"] = (dt, tokens)
+    print(f"vllm: {tokens} tokens in {dt:.1f} s", flush=True)
     from safetensors.torch import load_file
     weights = load_file(os.path.join(model, "model.safetensors"))
     refit = [eng.update_weights(weights.items()) for _ in range(2)]
@@ -94,7 +96,8 @@ def main(argv=None) -> None:
     hf.generate(reqs[:2], sampling)  # warm-up
     _, dt, tokens = timed_generate(hf, reqs, sampling)
     results[f"transformers generate (batched {args.hf_batch_size or 'all'})"] = (dt, tokens)
-    if not args.skip_hf_sequential:
+    print(f"transformers batched: {tokens} tokens in {dt:.1f} s", flush=True)
+    if args.hf_sequential:
         hf.batch_size = 1
         _, dt, tokens = timed_generate(hf, reqs, sampling)
         results["transformers generate (one row at a time)"] = (dt, tokens)

