@@ -300,6 +300,22 @@ def megatron_to_hf(models: Sequence[Any], cfg: ModelConfig, groups: Any = None,
             yield name, t
 
 
+def load_hf_into_actor(actor: Any, hf_dir: str) -> LoadReport:
+    """Start a MegatronActor (``.model`` chunks, ``.cfg.model``, ``.groups``, ``.optimizer``) from a
+    Hugging Face folder: the run's model config must describe the folder's model; then the
+    optimizer's main parameters are refreshed from the loaded weights. Call on every rank."""
+    import os
+
+    from megatron_denoise.convert.hf_config import check_same_model, model_config_from_hf, read_hf_config
+
+    check_same_model(actor.cfg.model, model_config_from_hf(read_hf_config(hf_dir)), "run config (model)",
+                     os.path.join(hf_dir, "config.json"))
+    report = load_hf_into_megatron(actor.model, hf_dir, actor.cfg.model, shard_info(actor.groups))
+    if getattr(actor, "optimizer", None) is not None:
+        actor.optimizer.reload_model_params()
+    return report
+
+
 def actor_hf_weights(actor: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """The actor's current weights as (HF name, full tensor), gathered over TP/PP/EP: what the
     rollout engine's refit pushes. Every rank of the actor must iterate it (collectives)."""

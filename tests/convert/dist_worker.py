@@ -191,7 +191,7 @@ def run_actor(case: dict, results: dict) -> None:
     from dataclasses import replace
 
     from megatron_denoise.config.schema import Config, ParallelConfig
-    from megatron_denoise.convert.megatron_io import actor_hf_weights
+    from megatron_denoise.convert.megatron_io import actor_hf_weights, load_hf_into_actor
     from megatron_denoise.megatron.actor import MegatronActor
     from megatron_denoise.megatron.checkpoint import save_checkpoint
 
@@ -203,7 +203,12 @@ def run_actor(case: dict, results: dict) -> None:
         sequence_parallel=lay.get("sp", False), use_distributed_optimizer=True))
     groups = parallel_state.initialize(layout_of(lay), seed=3)
     actor = MegatronActor(cfg, groups)
-    load_hf_into_megatron(actor.model, path, model_cfg, shard_info(groups))
+    load_hf_into_actor(actor, path)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model_cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        err = (actor.logits(ids) - hf_logits(path, ids)).abs().max().item()
+    record(results, f"{name}/actor_logits", err <= 1e-5, f"max |actor - transformers| = {err:.3g}")
     ok, detail = compare_to_folder(actor_hf_weights(actor), path)
     record(results, f"{name}/actor_hf_weights", ok, detail)
     root = shared_tmp("actor")

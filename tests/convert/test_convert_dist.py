@@ -49,7 +49,7 @@ ACTOR = {  # name: (model, actor layout, export layout)
 CHECKS = ([f"{n}/{c}" for n in PARITY for c in ("logits", "hf_megatron_hf", "megatron_hf_megatron")]
           + [f"{n}/reads_only_its_shard" for n, (_, lay) in PARITY.items() if lay]
           + [f"{n}/ckpt_roundtrip" for n in CKPT]
-          + [f"{n}/{c}" for n in ACTOR for c in ("actor_hf_weights", "actor_ckpt_to_hf")]
+          + [f"{n}/{c}" for n in ACTOR for c in ("actor_logits", "actor_hf_weights", "actor_ckpt_to_hf")]
           + ["smollm2_pp2/logits", "smollm2_pp2/reads_only_its_shard"])
 
 
