@@ -46,6 +46,14 @@ def _steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
 
 
+def _actors_on(ray_tmp: Path, class_name: str) -> int:
+    """Ray workers of this node that hosted an actor of class_name: Ray writes ':actor_name:<class>'
+    into each actor's worker log, under the node's own temp dir (MDN_RAY_TMPDIR=.../ray-%n)."""
+    marker = f":actor_name:{class_name}"
+    return sum(marker in f.read_text(errors="replace")
+               for f in ray_tmp.glob("session_2*/logs/worker-*.out"))
+
+
 def test_train_two_nodes_sigterm_checkpoint_requeue_resume(slurm_cluster, job_env):
     from megatron_denoise.megatron.checkpoint import latest_checkpoint
 
@@ -75,8 +83,11 @@ def test_train_two_nodes_sigterm_checkpoint_requeue_resume(slurm_cluster, job_en
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.diagnose(job)
     assert info["Restarts"] == "1", slurm_cluster.diagnose(job)
 
-    # both runs brought up Ray on both nodes
+    # both runs brought up Ray on both nodes, and each node hosted one policy rank per run
     assert log.count("Ray cluster complete: 2/2 nodes alive") == 2, log[-4000:]
+    ranks = {n: _actors_on(Path(job_env["MDN_RAY_TMPDIR"].replace("%n", n)), "PolicyWorkerImpl")
+             for n in ("node1", "node2")}
+    assert ranks == {"node1": 2, "node2": 2}, f"policy ranks per node over both runs: {ranks}"
     # run 1: SIGTERM -> the current step finished -> checkpoint -> exit 75 -> requeue
     assert "SIGTERM received: forwarding it to pid" in log and "trainer exited with 75" in log, log[-4000:]
     assert "requeueing job" in log
