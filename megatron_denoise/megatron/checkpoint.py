@@ -45,7 +45,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def _model_sharded_state_dict(actor: Any) -> dict:
-    chunks = actor.model
+    """The model chunks' sharded state (bare GPTModels, as megatron-LM saves them: keys such as
+    `decoder.layers.self_attention.linear_qkv.weight`, layer index as a sharded axis)."""
+    chunks = actor.chunks
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -183,11 +185,13 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
         # same dict, then load both in one pass
         state["optimizer"] = actor.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_META)
     loaded = dist_checkpointing.load(state, str(path / "dist"), strict="assume_ok_unexpected")
-    if len(actor.model) == 1:
-        actor.model[0].load_state_dict(loaded["model"], strict=False)
+    # dist_checkpointing already loaded into the parameters in place; load_state_dict (strict)
+    # also checks that every key of the chunk was found
+    if len(actor.chunks) == 1:
+        actor.chunks[0].load_state_dict(loaded["model"], strict=True)
     else:
-        for i, c in enumerate(actor.model):
-            c.load_state_dict(loaded[f"model{i}"], strict=False)
+        for i, c in enumerate(actor.chunks):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optimizer:
         actor.optimizer.load_state_dict(loaded["optimizer"])
         actor.scheduler.load_state_dict(meta["scheduler"])

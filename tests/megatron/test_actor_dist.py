@@ -151,7 +151,7 @@ def l2(workdir, l1) -> dict:
         {"name": "load_tp2_as_tp1", "kind": "ckpt_load", "args": {"lay": {}, "tag": "tp2"}},
         {"name": "save_tp1", "kind": "ckpt_save", "args": {"lay": {}, "tag": "tp1"}},
         {"name": "load_tp1_as_tp2", "kind": "ckpt_load", "args": {"lay": {"tp": 2}, "tag": "tp1"}},
-        {"name": "load_tp1_as_pp2", "kind": "ckpt_load", "args": {"lay": {"pp": 2}, "tag": "tp1"}},
+        {"name": "load_tp1_as_pp2_vpp2", "kind": "ckpt_load", "args": {"lay": {"pp": 2, "vpp": 2}, "tag": "tp1"}},
         {"name": "resume_tp2", "kind": "ckpt_resume", "args": {"lay": {"tp": 2}, "distopt": False}},
         {"name": "after_crash_tp2", "kind": "ckpt_after_crash", "args": {"lay": {"tp": 2}}},
     ]
@@ -252,7 +252,7 @@ def test_nan_guard_skips_and_reports(l2):
     assert r["skipped_good"] == 0.0 and r["moved_after_good"] > 0
 
 
-@pytest.mark.parametrize("name", ["load_tp2_as_tp1", "load_tp1_as_tp2", "load_tp1_as_pp2"])
+@pytest.mark.parametrize("name", ["load_tp2_as_tp1", "load_tp1_as_tp2", "load_tp1_as_pp2_vpp2"])
 def test_checkpoint_reshards(l2, name):
     r = ok(l2, name)
     if r["logits"] is not None:
@@ -265,6 +265,7 @@ def test_resume_same_layout_is_exact(l2):
     r = ok(l2, "resume_tp2")
     assert r["weights"] == 0.0 and r["loss"] == 0.0 and r["grad_norm"] == 0.0
     assert r["step"] == 1 and r["actor_step"] == 3
+    assert r["rng_restored"]  # torch and tracker (tp / ep) RNG states come back with the checkpoint
     assert all(a == b for a, b in r["lr"])
     # cosine after one warmup step over 5 steps (megatron: warmup from 0 at step 0): the resumed
     # steps 2 and 3 use lr(1) = 1e-3 and lr(2) = 1e-3 * (1 + cos(pi / 4)) / 2
