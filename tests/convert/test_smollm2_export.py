@@ -92,9 +92,8 @@ def test_refuses_to_overwrite(exported):
 @pytest.mark.engine
 def test_transformers_and_vllm_generate_like_the_original(exported):
     ids = _prompt_ids(exported["src"])
-    original = _hf_greedy(exported["src"], ids)
-    assert _hf_greedy(exported["out"], ids) == original
-    # vLLM (CPU build) on the exported folder, in a fresh process: in-process eager engine
+    # vLLM (CPU build) on the exported folder, in a fresh process (in-process eager engine),
+    # started first so that its start-up overlaps transformers' generation here
     code = f"""
 import json, os
 from vllm import LLM, SamplingParams
@@ -107,7 +106,15 @@ print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
 """
     env = dict(_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=os.path.join(exported["out"], "..", "vllm_cache"))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("TOKENS ")]
-    assert r.returncode == 0 and lines, r.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        original = _hf_greedy(exported["src"], ids)
+        assert _hf_greedy(exported["out"], ids) == original
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [l for l in stdout.splitlines() if l.startswith("TOKENS ")]
+    assert proc.returncode == 0 and lines, stderr[-4000:]
     assert json.loads(lines[-1][7:]) == original
