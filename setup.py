@@ -65,6 +65,10 @@ setup(
     entry_points={
         "console_scripts": [
             "mdn-train=megatron_denoise.launch.train:main",
+            "mdn-prepare-data=megatron_denoise.launch.prepare_data:main",
+            "mdn-convert=megatron_denoise.launch.convert_checkpoint:main",
+            "mdn-evaluate=megatron_denoise.launch.evaluate:main",
+            "mdn-plot=megatron_denoise.launch.plot:main",
         ]
     },
     include_package_data=True,

@@ -191,6 +191,13 @@ class AlgorithmConfig:
 
 
 @dataclass
+class RewardConfig:
+    num_workers: int = f(2, "Verifier worker processes (math-verify runs in them, sandboxed)")
+    deadline_s: float = f(5.0, "Per-answer deadline; a timed-out answer scores 0 and is counted")
+    max_answer_chars: int = f(2048, "Longer extracted answers score 0 without being parsed")
+
+
+@dataclass
 class OptimizerConfig:
     name: str = f("adam", "Optimizer: adam (AdamW) | sgd")
     lr: float = f(1e-6, "Peak learning rate")
@@ -254,6 +261,7 @@ class Config:
     rollout: RolloutConfig = f(factory=RolloutConfig, doc="Rollout engine")
     denoise: DenoiseConfig = f(factory=DenoiseConfig, doc="DenoiseRL rollouts")
     algorithm: AlgorithmConfig = f(factory=AlgorithmConfig, doc="Advantages and loss")
+    reward: RewardConfig = f(factory=RewardConfig, doc="Verifiable math reward")
     optimizer: OptimizerConfig = f(factory=OptimizerConfig, doc="Optimizer and schedule")
     trainer: TrainerConfig = f(factory=TrainerConfig, doc="Training loop")
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpointing")

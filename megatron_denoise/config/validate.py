@@ -109,6 +109,12 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if not (0.0 < r.top_p <= 1.0):
         e.append(f"rollout.top_p ({r.top_p}) must be in (0, 1]")
 
+    # reward
+    if cfg.reward.num_workers < 1:
+        e.append(f"reward.num_workers ({cfg.reward.num_workers}) must be >= 1")
+    if cfg.reward.deadline_s <= 0:
+        e.append(f"reward.deadline_s ({cfg.reward.deadline_s}) must be > 0")
+
     # optimizer, trainer, checkpointing, cluster
     o = cfg.optimizer
     _choice(e, "optimizer.name", o.name, ("adam", "sgd"))

@@ -91,7 +91,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
     from megatron_denoise.trainer.step import StepContext, train_step
     from megatron_denoise.trainer.workers import PolicyGroup, RolloutWorker, init_ray
 
-    stop = GracefulStop().install()
+    stop = GracefulStop()
     run = Run(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -102,11 +102,13 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         random.seed(cfg.trainer.seed)
 
         init_ray(cfg, str(run.run_dir))
+        stop.install()  # after ray.init, which installs its own SIGTERM handler in the driver
         policy = PolicyGroup.create(cfg, hf_path)
         run.closers.append(policy.shutdown)
         engine = RolloutWorker.create(cfg, hf_path, str(run.run_dir), policy)
         run.closers.append(engine.close)
-        scorer = VerifierPool(num_workers=max(1, min(4, (os.cpu_count() or 2) // 2)))
+        scorer = VerifierPool(num_workers=cfg.reward.num_workers, deadline_s=cfg.reward.deadline_s,
+                              max_answer_chars=cfg.reward.max_answer_chars)
         run.closers.append(scorer.close)
 
         # resume: weights + optimizer + RNG in the actor; data cursor and metrics step here
