@@ -95,9 +95,13 @@ def fused_policy_loss(
     loss_agg, global_tokens / global_seqs its global_num_tokens / global_num_seqs; when None they
     default to the counts of THIS call, right only for an unsplit batch).
     tp_group: the vocab-parallel group (None: weight_shard is the whole vocabulary); the forward
-    runs two (recompute) or 2 per chunk (in_forward) all-reduces of [T]-sized vectors, backward one
-    all-reduce of grad_hidden [T, H] unless reduce_grad_hidden=False (caller reduces it, e.g. a
-    Megatron region function or a sequence-parallel reduce-scatter).
+    runs two all-reduces of [T]-sized vectors (recompute) or one scalar MIN plus two per token
+    chunk (in_forward), and one all-reduce of grad_hidden [T, H] unless reduce_grad_hidden=False
+    (then the caller reduces it, e.g. Megatron's copy_to_tensor_model_parallel_region or a
+    sequence-parallel reduce-scatter).
+    impl: auto | triton | chunked | chunked_compiled | reference (dispatch.py).
+    grad_mode: auto | recompute | in_forward (module docstring). The returned log-probs and
+    entropy are detached in every mode (use `vocab_parallel_logprobs` for differentiable ones).
     """
     name = resolve_impl(impl, hidden.device)
     common = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, force_on_policy=force_on_policy,
