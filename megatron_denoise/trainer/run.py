@@ -136,11 +136,17 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
             state = {"problems": problems.state_dict(), "step": step}
             return policy.save(str(run.ckpt_dir), step, state, cfg.checkpoint.keep_last)
 
+        # which problems each step trained on (a resumed run must repeat none and skip none)
+        seen_log = _StepLog(run.run_dir / "problems.jsonl", keep_below=start + 1)
+        run.closers.append(seen_log.close)
+
         step = start
         last_saved = start if resume_from is not None else None
         while step < cfg.trainer.total_steps and not stop:
+            drawn = len(problems.drawn)
             metrics = train_step(ctx, step)
             step += 1
+            seen_log.write(step, {"uids": problems.drawn[drawn:]})
             metrics["problems_seen"] = float(problems.seen)
             if eval_sets and step % cfg.trainer.test_freq == 0:
                 metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, problems, step))
@@ -174,6 +180,29 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
     finally:
         run.close()
         stop.restore()
+
+
+class _StepLog:
+    """A JSONL file of per-step records; on resume, records of steps >= keep_below are dropped."""
+
+    def __init__(self, path: Path, keep_below: int) -> None:
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] < keep_below:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue  # a line cut by a kill
+        path.write_text("".join(k + "\n" for k in kept))
+        self.fh = open(path, "a")
+
+    def write(self, step: int, record: dict) -> None:
+        self.fh.write(json.dumps({"step": step, **record}) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, problems, step: int) -> dict:

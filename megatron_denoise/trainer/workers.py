@@ -51,8 +51,9 @@ def init_ray(cfg: Config, run_dir: str) -> None:
         ray.init(address=addr, runtime_env=env, log_to_driver=True)
     else:
         # local: logical CPUs are scheduling tokens; each rank and the engine need one
+        # MDN_RAY_TMPDIR: a private session folder (tests use it to find and stop a killed run's Ray)
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.cluster.world_size + 2), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True, _temp_dir=None)
+                 runtime_env=env, log_to_driver=True, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
 
 
 class PolicyWorkerImpl:
