@@ -23,7 +23,8 @@ from megatron_denoise.trainer.signals import EXIT_PREEMPTED, GracefulStop
 
 
 def _path(p: str) -> Path:
-    return Path(os.path.expanduser(str(p)))
+    """Absolute: Ray workers on other nodes do not share the driver's working directory."""
+    return Path(os.path.expanduser(str(p))).resolve()
 
 
 def resolve_model_path(cfg: Config) -> str:

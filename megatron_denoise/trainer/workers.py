@@ -66,7 +66,7 @@ class PolicyWorkerImpl:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
-        from megatron_denoise.convert.megatron_io import load_hf_into_megatron, shard_info
+        from megatron_denoise.convert.megatron_io import load_hf_into_actor
         from megatron_denoise.layout import ParallelLayout
         from megatron_denoise.megatron import parallel_state
         from megatron_denoise.megatron.actor import MegatronActor
@@ -78,8 +78,7 @@ class PolicyWorkerImpl:
         backend = self.cfg.cluster.backend
         self.groups = parallel_state.initialize(layout, backend=backend, seed=self.cfg.trainer.seed)
         self.actor = MegatronActor(self.cfg, self.groups)
-        load_hf_into_megatron(self.actor.chunks, hf_path, self.cfg.model, shard_info(self.groups))
-        self.actor.optimizer.reload_model_params()  # main params (distributed optimizer) from the weights
+        load_hf_into_actor(self.actor, hf_path)  # checks the config against the folder; refreshes main params
 
     def node_address(self) -> str:
         import ray
@@ -109,9 +108,9 @@ class PolicyWorkerImpl:
         into the rollout engine. Returns the engine's load seconds (rank 0)."""
         import ray
 
-        from megatron_denoise.convert.megatron_io import megatron_to_hf
+        from megatron_denoise.convert.megatron_io import actor_hf_weights
 
-        named = list(megatron_to_hf(self.actor.chunks, self.cfg.model, self.groups))
+        named = list(actor_hf_weights(self.actor))
         if self.rank != 0:
             return None
         return ray.get(engine_worker.update_weights.remote(named))
