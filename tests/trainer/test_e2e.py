@@ -1,0 +1,200 @@
+"""End to end: the real trainer (Ray, 2 Megatron ranks at tp=2 on gloo, colocated vLLM, verifier
+pool) on a tiny random Llama, checked against a recorded golden curve, and interrupted twice
+(kill -9, then SIGTERM) and resumed, against the uninterrupted run.
+
+The data makes rewards informative without a trained model: each problem's wrong-pool entry ends
+starts with the CORRECT boxed answer (complete after about 32% of its tokens), and
+rho ~ uniform(0.1, 0.7), so a denoise row's reward is 1 exactly when its prefix includes the box (the random model never writes one). Rewards then
+depend only on the seeded rho draws, and advantages, losses and gradients are non-trivial.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.megatron, pytest.mark.engine]
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "tiny-denoise-grpo-cpu-1n2g-tp2.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "tiny-denoise-grpo-cpu-1n2g-tp2.json"
+EXIT_PREEMPTED = 75
+STEPS = 6
+
+
+def write_problems(path: Path, n: int = 12) -> None:
+    rows = []
+    for i in range(n):
+        a, b = 3 + i, 7 + 2 * i
+        rows.append({
+            "data_source": "e2e",
+            "prompt": [{"role": "user", "content": f"What is {a} + {b}? Put the answer in \\boxed{{}}."}],
+            "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+            "extra_info": {"index": i},
+            "wrong_answer_with_boxed": [f"The answer is \\boxed{{{a + b}}}, since {a} plus {b} makes {a + b} when we "
+                                        f"add the two numbers up step by step."],
+        })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def launch(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MDN_RAY_TMPDIR=str(run_dir.parent / f"ray-{run_dir.name}"),
+               PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "megatron_denoise.launch.train", "--config", str(CONFIG),
+            f"logging.output_dir={run_dir}", f"data.train_files=[{data}]", f"trainer.total_steps={STEPS}",
+            "checkpoint.save_interval=1", "checkpoint.export_hf_at_end=false", "logging.progress=false",
+            "logging.tensorboard=false", "denoise.rho.strategy=uniform", "denoise.rho.low=0.1",
+            "denoise.rho.high=0.7", "checkpoint.keep_last=0", *extra]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_ray(run_dir: Path) -> None:
+    """Kill what a killed driver left behind: processes of its private Ray session."""
+    tmp = str(run_dir.parent / f"ray-{run_dir.name}")
+    out = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(2)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    p = run_dir / "metrics.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            out[int(d["step"])] = d
+    return out
+
+
+def problems(run_dir: Path) -> dict[int, list]:
+    p = run_dir / "problems.jsonl"
+    return {d["step"]: d["uids"] for d in map(json.loads, p.read_text().splitlines())} if p.exists() else {}
+
+
+def wait(proc: subprocess.Popen, run_dir: Path, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stop_ray(run_dir)
+        log = (run_dir.parent / f"{run_dir.name}.log").read_text()[-4000:]
+        pytest.fail(f"trainer did not finish within {timeout} s; log tail:\n{log}")
+
+
+def wait_for(cond, proc: subprocess.Popen, run_dir: Path, timeout: float) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            log = (run_dir.parent / f"{run_dir.name}.log").read_text()[-4000:]
+            pytest.fail(f"trainer exited ({proc.returncode}) before the expected point; log tail:\n{log}")
+        if time.time() - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stop_ray(run_dir)
+            pytest.fail("timed out waiting for the trainer")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    write_problems(d / "problems.jsonl")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    run = workdir / "full"
+    proc = launch(run, workdir / "problems.jsonl")
+    rc = wait(proc, run, 1200)
+    log = (workdir / "full.log").read_text()
+    assert rc == 0, log[-4000:]
+    return run
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint (`latest` names step_<N>), 0 if none."""
+    marker = run_dir / "checkpoints" / "latest"
+    return int(marker.read_text().strip().split("_")[1]) if marker.exists() else 0
+
+
+def curve(m: dict[int, dict], steps) -> list[tuple[float, float, float]]:
+    # on-policy (ratio 1) with equal-length rows the token-mean loss is -mean(A) = 0 by
+    # construction; the gradient norm carries the log-probs and advantages, so it is compared too
+    return [(m[s]["loss"], m[s]["reward_mean"], m[s]["grad_norm"]) for s in steps]
+
+
+def test_golden_curve_tp2(uninterrupted):
+    m = metrics(uninterrupted)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    got = curve(m, range(1, 5))
+    if os.environ.get("MDN_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"loss_reward_gradnorm": got}, indent=1) + "\n")
+    want = [tuple(x) for x in json.loads(GOLDEN.read_text())["loss_reward_gradnorm"]]
+    assert len(want) == 4
+    for s, (g, w) in enumerate(zip(got, want), start=1):
+        assert g[1] == pytest.approx(w[1], abs=1e-6), f"step {s} reward {g[1]} != golden {w[1]}"
+        assert g[0] == pytest.approx(w[0], abs=1e-4), f"step {s} loss {g[0]} != golden {w[0]}"
+        assert g[2] == pytest.approx(w[2], rel=1e-3), f"step {s} grad norm {g[2]} != golden {w[2]}"
+    # the curve is not trivial: some denoise rows recover, so advantages and gradients are non-zero
+    assert all(gn > 0 for _, _, gn in got) and any(r > 0 for _, r, _ in got)
+    for s in m.values():  # METHOD.md section 4 metrics and the phase split, every step
+        for k in ("recovery_rate", "main_accuracy", "denoise_accuracy", "fallback_count",
+                  "continuation_length_mean", "time/generate", "time/reward", "time/train", "time/refit"):
+            assert k in s, k
+    assert latest_step(uninterrupted) == STEPS
+
+
+def test_kill9_then_sigterm_resume_matches_uninterrupted(uninterrupted, workdir):
+    run = workdir / "interrupted"
+    data = workdir / "problems.jsonl"
+
+    # 1. kill -9 once step 3's checkpoint is complete
+    proc = launch(run, data)
+    wait_for(lambda: latest_step(run) >= 3, proc, run, 900)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stop_ray(run)
+    resumed_at = latest_step(run)
+    assert 3 <= resumed_at < STEPS
+
+    # 2. resume; SIGTERM after it logged one more step: it checkpoints and exits with 75
+    proc = launch(run, data)
+    wait_for(lambda: max(metrics(run), default=0) > resumed_at, proc, run, 900)
+    os.kill(proc.pid, signal.SIGTERM)  # the driver only (as Slurm's batch script forwards it); Ray's
+    rc = wait(proc, run, 600)           # processes share its process group and must live on
+    assert rc == EXIT_PREEMPTED, (run.parent / "interrupted.log").read_text()[-4000:]
+    stopped_at = latest_step(run)
+    assert stopped_at == max(metrics(run)), "the SIGTERM checkpoint is the last logged step"
+    stop_ray(run)
+
+    # 3. resume to the end
+    rc = wait(launch(run, data), run, 900)
+    assert rc == 0, (run.parent / "interrupted.log").read_text()[-4000:]
+
+    full, part = metrics(uninterrupted), metrics(run)
+    assert sorted(part) == list(range(1, STEPS + 1))
+    for s in range(resumed_at + 1, STEPS + 1):
+        assert part[s]["loss"] == pytest.approx(full[s]["loss"], abs=1e-5), s
+        assert part[s]["grad_norm"] == pytest.approx(full[s]["grad_norm"], rel=1e-4), s
+        assert part[s]["reward_mean"] == pytest.approx(full[s]["reward_mean"], abs=1e-9), s
+    assert problems(run) == problems(uninterrupted)  # none repeated, none skipped
