@@ -101,6 +101,23 @@ class HFEngine:
             comps.append(Completion(token_ids=tuple(toks), finish_reason=reason, logprobs=lps))
         return comps
 
+    def teacher_forced(self, input_ids: Sequence[int], continuation: Sequence[int]) -> tuple[list[int], list[float]]:
+        """One forward pass over input + continuation: for each continuation position, the model's
+        argmax token and the log-prob of the given token (raw logits), given everything before it.
+
+        A continuation is this model's greedy output iff argmax == continuation at every position:
+        the check costs one forward pass instead of one per generated token.
+        """
+        torch = self.torch
+        ids = torch.tensor([list(input_ids) + list(continuation)], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0].float()  # [len, vocab]
+        n = len(input_ids)
+        pred = logits[n - 1:-1]  # [len(continuation), vocab]: position t predicts token t+1
+        target = ids[0, n:]
+        logp = torch.log_softmax(pred, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return pred.argmax(-1).tolist(), logp.tolist()
+
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, object]]) -> float:
         """Copy the full HF state dict into the model (strict: every parameter, no unknown name)."""

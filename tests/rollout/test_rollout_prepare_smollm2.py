@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow,
 
 def _cmd(path, *extra):
     return [sys.executable, "-m", "megatron_denoise.launch.prepare_data", str(path), "--n", "2",
-            "--max-tokens", "48", "--chunk-size", "8", "--workers", "1", "--no-progress", *extra]
+            "--max-tokens", "32", "--chunk-size", "8", "--workers", "1", "--no-progress", *extra]
 
 
 def test_prepare_gsm8k_killed_then_resumed(tmp_path, smollm2):
@@ -69,7 +69,7 @@ def test_prepare_gsm8k_killed_then_resumed(tmp_path, smollm2):
                             out.column("wrong_answer_num_tokens").to_pylist()):
         assert len(p.wrong_pool) == len(fin) == len(lens) <= 2
         assert all("\\boxed" in w for w in p.wrong_pool)
-        assert all(f in ("stop", "length") for f in fin) and all(1 <= n <= 48 for n in lens)
+        assert all(f in ("stop", "length") for f in fin) and all(1 <= n <= 32 for n in lens)
 
     work = tmp_path / "gsm8k32.prepare"
     log = [json.loads(x) for x in (work / "rollouts.jsonl").read_text().splitlines()]

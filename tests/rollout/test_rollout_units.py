@@ -117,8 +117,14 @@ def test_hf_engine_budgets_order_seeds_and_refit(tiny):
     # The prefix changes the continuation: the engine continued after the prefix ids.
     assert eng.generate([req(prompt + [70, 71, 72, 73], 3)], greedy)[0].token_ids == out[1].token_ids
 
+    # Teacher forcing recognises the greedy continuation (and its log-probs) in one forward pass.
+    argmax, logp = eng.teacher_forced(prompt, out[0].token_ids)
+    assert argmax == list(out[0].token_ids)
+    assert max(abs(a - b) for a, b in zip(logp, out[0].logprobs)) < 1e-4
+
     sampled = SamplingSpec(temperature=1.0)
     s1 = eng.generate([req(prompt, 8, seed=5), req(prompt, 8, seed=6)], sampled)
+    assert eng.teacher_forced(prompt, s1[0].token_ids)[0] != list(s1[0].token_ids)  # sampled, not greedy
     s2 = eng.generate([req(prompt, 8, seed=5), req(prompt, 8, seed=6)], sampled)
     assert [c.token_ids for c in s1] == [c.token_ids for c in s2]
     assert s1[0].token_ids != s1[1].token_ids
