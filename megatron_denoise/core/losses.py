@@ -61,7 +61,8 @@ def local_loss_counts(loss_mask: torch.Tensor, seq_ids: Optional[torch.Tensor] =
     else:
         if seq_ids is None:
             raise ValueError("a packed (1-D) loss_mask needs seq_ids")
-        per_seq = torch.zeros(int(seq_ids.max()) + 1 if seq_ids.numel() else 0, dtype=torch.float64)
+        per_seq = torch.zeros(int(seq_ids.max()) + 1 if seq_ids.numel() else 0, dtype=torch.float64,
+                              device=mask.device)
         per_seq.index_add_(0, seq_ids, mask)
         seqs = (per_seq > 0).sum().to(torch.float64)
     return tokens, seqs
