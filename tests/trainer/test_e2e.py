@@ -44,9 +44,14 @@ def write_problems(path: Path, n: int = 12) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def ray_tmp(run_dir: Path) -> str:
+    """A SHORT private Ray session folder: Ray's socket paths must stay under 107 bytes, which
+    pytest's tmp paths (plus Ray's session_<date>_<pid>/sockets/plasma_store) exceed."""
+    return f"/tmp/mdnray-{os.getpid()}-{run_dir.name[:4]}"
+
+
 def launch(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MDN_RAY_TMPDIR=str(run_dir.parent / f"ray-{run_dir.name}"),
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MDN_RAY_TMPDIR=ray_tmp(run_dir), PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     args = [sys.executable, "-m", "megatron_denoise.launch.train", "--config", str(CONFIG),
             f"logging.output_dir={run_dir}", f"data.train_files=[{data}]", f"trainer.total_steps={STEPS}",
@@ -59,7 +64,7 @@ def launch(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
 
 def stop_ray(run_dir: Path) -> None:
     """Kill what a killed driver left behind: processes of its private Ray session."""
-    tmp = str(run_dir.parent / f"ray-{run_dir.name}")
+    tmp = ray_tmp(run_dir)
     out = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
     for pid in out:
         try:
