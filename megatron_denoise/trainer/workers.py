@@ -110,7 +110,9 @@ class PolicyWorkerImpl:
 
         from megatron_denoise.convert.megatron_io import actor_hf_weights
 
-        named = list(actor_hf_weights(self.actor))
+        # clone: megatron keeps parameters as views into one contiguous buffer, and pickling a view
+        # (Ray's transfer) serialises its WHOLE storage — for SmolLM2 that was 272 x 540 MB
+        named = [(n, t.detach().clone()) for n, t in actor_hf_weights(self.actor)]
         if self.rank != 0:
             return None
         return ray.get(engine_worker.update_weights.remote(named))
