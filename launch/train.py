@@ -2,8 +2,8 @@
 
     python -m megatron_denoise.launch.train [--config FILE] [--dry-run] [--world-size W] [key=value ...]
 
-Without --config the embedded default runs: configs/tiny-denoise-grpo-cpu-1n2g-tp2.yaml, a tiny CPU
-run (a tiny random Llama at tp=2 on 2 gloo processes, colocated vLLM, GSM8K).
+Without --config the embedded default runs: configs/tiny-denoise-grpo-cpu-1n1g.yaml, a tiny CPU run
+(SmolLM2-135M-Instruct on GSM8K, after preparing its weak-model pool).
 --dry-run validates the config against the world size (default: cluster.num_nodes x
 cluster.gpus_per_node) and prints the resolved layout and rollout plan without starting anything.
 """
@@ -18,10 +18,7 @@ from megatron_denoise.config.schema import Config
 from megatron_denoise.layout import ParallelLayout
 
 REPO = Path(__file__).resolve().parents[1]
-# The SmolLM2 run (configs/tiny-denoise-grpo-cpu-1n1g.yaml) is the intended default, but its policy
-# worker grew to ~20 GB during its first step on this 2-core/24 GB machine (OOM-killed; not yet
-# diagnosed), so the default is the tiny tp=2 run until that is fixed.
-DEFAULT_CONFIG = REPO / "configs" / "tiny-denoise-grpo-cpu-1n2g-tp2.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "tiny-denoise-grpo-cpu-1n1g.yaml"
 
 
 def rollout_plan(cfg: Config, layout: ParallelLayout) -> dict:

@@ -183,7 +183,7 @@ def test_dry_run_reports_errors_with_exit_code_2(tmp_path, capsys):
 
 
 def test_rollout_plan_counts(capsys):
-    assert train_main(["--dry-run", "--world-size", "2", "data.problems_per_step=3",
+    assert train_main(["--dry-run", "--world-size", "1", "data.problems_per_step=3",
                        "denoise.n_main=5", "denoise.k_denoise=2"]) == 0
     out = capsys.readouterr().out
     assert "rows_per_step: 21" in out and "main_rows: 15" in out and "denoise_rows: 6" in out
