@@ -14,9 +14,8 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_denoise.config.schema import Config
 from megatron_denoise.trainer.signals import EXIT_PREEMPTED, GracefulStop
@@ -85,7 +84,6 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
     from transformers import AutoTokenizer
 
     from megatron_denoise.core.fold import hf_decoder
-    from megatron_denoise.core.prefix import render_prompt_ids
     from megatron_denoise.reward.pool import VerifierPool
     from megatron_denoise.trainer.observe import MetricsLogger, Progress
     from megatron_denoise.trainer.problems import ProblemStream, load_eval_sets
@@ -171,7 +169,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
             outputs["hf_export"] = str(hf_out)
         from megatron_denoise.trainer.plot import plot_run
 
-        plots = plot_run(run.run_dir)
+        plot_run(run.run_dir)
         outputs["plots"] = str(run.run_dir / "plots")
         (run.run_dir / "outputs.json").write_text(json.dumps(outputs, indent=1) + "\n")
         print("[megatron-denoise] done. Written:", flush=True)

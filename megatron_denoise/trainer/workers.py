@@ -61,7 +61,9 @@ class PolicyWorkerImpl:
 
     def __init__(self, cfg_dict: dict, rank: int, world_size: int, master_addr: str, master_port: int,
                  hf_path: str) -> None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % max(1, int(os.environ.get("MDN_GPUS_PER_NODE", world_size)))),
+        # Ray gives each rank's actor exactly one visible GPU (CUDA_VISIBLE_DEVICES), so the local
+        # device index is always 0; a rank-derived LOCAL_RANK would select a device it cannot see
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
