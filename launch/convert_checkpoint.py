@@ -98,6 +98,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+def _check_layout(args: argparse.Namespace, world: int, model) -> None:
+    """The requested layout against the world size and the model (heads and KV heads vs --tp,
+    layers vs --pp x --vpp, experts vs --ep), every problem at once, before any process group."""
+    from megatron_denoise.config.schema import ParallelConfig
+    from megatron_denoise.convert.errors import ConversionError
+    from megatron_denoise.layout import check_layout
+
+    par = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                         virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
+                         expert_tensor_parallel_size=args.tp, sequence_parallel=args.tp > 1)
+    errors = check_layout(par, world, model)
+    if errors:
+        raise ConversionError(f"--tp {args.tp} --pp {args.pp} --vpp {args.vpp} --ep {args.ep} on {world} "
+                              f"process(es) does not fit this model:\n  - " + "\n  - ".join(errors))
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -141,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
                                       f"YAML) or --source-hf (the HF folder it started from)")
             cfg = model_config_from_hf(read_hf_config(src), hf_path=src)
         n = len(NameTable(cfg).hf_names())
+    _check_layout(args, world, cfg)
     groups = single_process_groups(layout)
     rank0 = groups.rank == 0
     bar = _Progress(n, "import" if args.from_hf else "export", rank0 and not args.no_progress)

@@ -61,3 +61,14 @@ def test_export_needs_a_checkpoint_and_a_model_description(tmp_path, capsys):
     # an actor checkpoint root resolves to step_00000005/dist; it records no model: ask for one
     assert main(["--to-hf", "--checkpoint", str(tmp_path), "--hf", str(tmp_path / "out")]) == 2
     assert "pass --config" in _err(capsys)
+
+
+def test_layout_that_does_not_fit_the_model(tmp_path, capsys, monkeypatch):
+    one_kv = tiny_random_model("llama", tokenizer="bytes", **{**SIZES, "num_key_value_heads": 1})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc-per-node 2, checked before any group
+    assert main(["--from-hf", "--hf", one_kv, "--checkpoint", str(tmp_path / "ckpt"), "--tp", "2", "--pp", "2"]) == 2
+    err = _err(capsys)
+    assert "--tp 2 --pp 2" in err and "on 2 process(es)" in err
+    assert "num_query_groups (1) must be divisible by parallel.tensor_model_parallel_size (2)" in err
+    assert "world size (2) must be divisible by" in err  # both problems, at once
+    assert not (tmp_path / "ckpt").exists()
