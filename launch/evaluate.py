@@ -45,11 +45,11 @@ def load_sets(names: list[str], cfg, tokenizer) -> dict:
 
     Prompts longer than data.max_prompt_length are kept (they score 0 if they leave no room to
     generate); the data layer's notes about them and about skipped bad rows are printed."""
-    from megatron_denoise.data import DataReport, load_eval_set
+    from megatron_denoise.data import DataReport, eval_set_names, load_eval_set
 
     report = DataReport()
-    sets = {name: load_eval_set(name, cfg.data, tokenizer=tokenizer, max_problems=cfg.eval.max_problems,
-                                report=report) for name in names}
+    sets = {name: load_eval_set(src, cfg.data, tokenizer=tokenizer, max_problems=cfg.eval.max_problems,
+                                report=report) for name, src in eval_set_names(names).items()}
     if report.bad_rows:
         print(report.summary())  # bad rows and notes
     else:

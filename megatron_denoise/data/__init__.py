@@ -31,7 +31,7 @@ from megatron_denoise.data.schema import (POOL, build_prompt, make_row, rows_to_
 from megatron_denoise.data.sources import NAMED_SETS, load_named_set, named_set
 
 __all__ = [
-    "load_problems", "load_eval_set", "load_table", "read_table", "write_table", "NAMED_SETS",
+    "load_problems", "load_eval_set", "eval_set_names", "load_table", "read_table", "write_table", "NAMED_SETS",
     "load_named_set", "named_set", "table_to_problems", "rows_to_problems", "DataCursor", "DataReport", "BadRow",
     "BadDataError", "build_prompt", "make_row", "rows_to_table", "with_pool_column",
     "prompt_length_fn", "POOL",
@@ -123,6 +123,20 @@ def _unique_uids(problems: list[Problem]) -> list[Problem]:
             uid = f"{p.uid}@{Path(str(p.extra.get('file', ''))).stem}:{p.extra.get('row')}"
         seen.add(uid)
         out.append(p if uid == p.uid else dataclasses.replace(p, uid=uid))
+    return out
+
+
+def eval_set_names(sources: Sequence[Union[str, Path]]) -> dict[str, Union[str, Path]]:
+    """Short display names for eval sources: a named set keeps its name, a file is named by its
+    stem (metrics read `val/aime24/avg@16`, not `val//data/.../aime24.jsonl/avg@16`); `eval.k` is
+    keyed by these names. Two sources with one name are an error naming both."""
+    out: dict[str, Union[str, Path]] = {}
+    for src in sources:
+        name = str(src) if str(src) in NAMED_SETS else Path(str(src)).name.split(".")[0]
+        if name in out:
+            raise ValueError(f"eval sets {str(out[name])!r} and {str(src)!r} share the name {name!r}; "
+                             f"rename one of the files")
+        out[name] = src
     return out
 
 

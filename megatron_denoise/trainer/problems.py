@@ -57,7 +57,8 @@ class ProblemStream:
 
 
 def load_eval_sets(cfg: Config, tokenizer: Any) -> dict[str, list[Problem]]:
-    from megatron_denoise.data import load_eval_set
+    from megatron_denoise.data import eval_set_names, load_eval_set
 
-    names = list(cfg.data.val_files) or list(cfg.eval.sets)
-    return {str(n): load_eval_set(n, cfg.data, tokenizer, max_problems=cfg.eval.max_problems) for n in names}
+    sources = eval_set_names(list(cfg.data.val_files) or list(cfg.eval.sets))
+    return {name: load_eval_set(src, cfg.data, tokenizer, max_problems=cfg.eval.max_problems)
+            for name, src in sources.items()}

@@ -100,3 +100,13 @@ def test_unknown_set_and_eval_dir_resolution(monkeypatch, tmp_path):
     assert eval_data_dir() == tmp_path / "mine"
     probs = load_eval_set("aime24")
     assert [p.ground_truth for p in probs] == ["2"]
+
+
+def test_eval_set_names_are_short_and_unique(tmp_path):
+    from megatron_denoise.data import eval_set_names
+
+    a, b = tmp_path / "x" / "mine.jsonl", tmp_path / "y" / "mine.parquet"
+    assert eval_set_names(["aime24", str(a), "math500"]) == {"aime24": "aime24", "mine": str(a), "math500": "math500"}
+    assert list(eval_set_names([tmp_path / "gsm8k_train.with_wrong_boxed.parquet"])) == ["gsm8k_train"]
+    with pytest.raises(ValueError, match=r"mine\.jsonl.*mine\.parquet.*'mine'"):
+        eval_set_names([str(a), str(b)])
