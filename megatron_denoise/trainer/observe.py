@@ -140,11 +140,14 @@ def read_metrics(path: Union[str, Path]) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _truncate_jsonl(path: Path, keep_below: Optional[int]) -> tuple[int, int]:
-    """Rewrite `path` keeping only lines of steps < keep_below (all lines dropped when None).
+def truncate_jsonl(path: Path, keep_below: Optional[int]) -> tuple[int, int]:
+    """Rewrite a per-step JSONL file (any records with an integer "step") keeping only lines of
+    steps < keep_below (all lines dropped when None): what a resumed run does to the logs of the
+    steps it will redo (metrics.jsonl, problems.jsonl).
 
-    Returns (kept, dropped) line counts. The rewrite goes through a temporary file and an atomic
-    rename, so a crash here leaves either the old or the new file, never half of one.
+    Returns (kept, dropped) line counts. A torn line (a killed writer) is dropped; a record without
+    an integer step raises ValueError naming file and line. The rewrite goes through a temporary
+    file and an atomic rename, so a crash here leaves either the old or the new file.
     """
     if not path.exists():
         return 0, 0
@@ -155,10 +158,13 @@ def _truncate_jsonl(path: Path, keep_below: Optional[int]) -> tuple[int, int]:
         if not line.strip():
             continue
         try:
-            step = _parse_line(line, f"{path}:{i + 1}")["step"]
+            obj = json.loads(line)
         except json.JSONDecodeError:
             dropped += 1  # torn line of a killed run
             continue
+        step = obj.get("step") if isinstance(obj, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"{path}:{i + 1}: not a record with an integer 'step'")
         if keep_below is not None and step < keep_below:
             kept_lines.append(line)
         else:
@@ -353,7 +359,7 @@ class MetricsLogger:
         self._jsonl: Optional[TextIO] = None
         self.jsonl_path = self.output_dir / METRICS_FILE
         if jsonl:
-            kept, dropped = _truncate_jsonl(self.jsonl_path, resume_from_step)
+            kept, dropped = truncate_jsonl(self.jsonl_path, resume_from_step)
             if dropped and resume_from_step is not None:
                 print(f"[metrics] resume at step {resume_from_step}: kept {kept} logged steps, "
                       f"dropped {dropped} line(s) of steps >= {resume_from_step}", file=sys.stderr)

@@ -185,15 +185,9 @@ class _StepLog:
     """A JSONL file of per-step records; on resume, records of steps >= keep_below are dropped."""
 
     def __init__(self, path: Path, keep_below: int) -> None:
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] < keep_below:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    continue  # a line cut by a kill
-        path.write_text("".join(k + "\n" for k in kept))
+        from megatron_denoise.trainer.observe import truncate_jsonl
+
+        truncate_jsonl(path, keep_below)
         self.fh = open(path, "a")
 
     def write(self, step: int, record: dict) -> None:

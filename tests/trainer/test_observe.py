@@ -325,3 +325,17 @@ def test_plot_skips_missing_and_all_nan_metrics(tmp_path, capsys):
     # no metrics file: a clear error and exit code 2
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no metrics file" in capsys.readouterr().err
+
+
+def test_truncate_jsonl_keeps_any_records_by_step(tmp_path):
+    """problems.jsonl (uid lists, not metrics) goes through the same resume truncation."""
+    from megatron_denoise.trainer.observe import truncate_jsonl
+
+    p = tmp_path / "problems.jsonl"
+    p.write_text('{"step": 1, "uids": ["a", "b"]}\n{"step": 2, "uids": ["c"]}\n{"step": 3, "uids": ["d"]}\n{"st')
+    assert truncate_jsonl(p, 3) == (2, 2)  # step 3 and the torn tail dropped
+    assert p.read_text() == '{"step": 1, "uids": ["a", "b"]}\n{"step": 2, "uids": ["c"]}\n'
+    p.write_text('{"step": 1}\n["not", "a", "record"]\n')
+    with pytest.raises(ValueError, match=r"problems\.jsonl:2: not a record with an integer 'step'"):
+        truncate_jsonl(p, 5)
+    assert p.read_text() == '{"step": 1}\n["not", "a", "record"]\n'  # nothing lost on error
