@@ -203,3 +203,58 @@ def test_kill9_then_sigterm_resume_matches_uninterrupted(uninterrupted, workdir)
         assert part[s]["grad_norm"] == pytest.approx(full[s]["grad_norm"], rel=1e-4), s
         assert part[s]["reward_mean"] == pytest.approx(full[s]["reward_mean"], abs=1e-9), s
     assert problems(run) == problems(uninterrupted)  # none repeated, none skipped
+
+
+def is_nan(x) -> bool:
+    return x == "nan"  # the metrics JSONL writes NaN (a mean over no denoise rows) as the string "nan"
+
+
+def test_plain_grpo_k0_and_validation_in_the_loop(uninterrupted, workdir):
+    """K = 0 is plain GRPO through the same loop: N main rows per problem, no prefixes, no
+    fallbacks, and the main rows are the K > 0 run's main rows (same weights at step 1, same
+    per-slot seeds). Validation runs every test_freq steps on a data file named by its stem."""
+    run = workdir / "grpo"
+    evalset = workdir / "e2e_eval.jsonl"
+    write_problems(evalset, n=3)
+    rc = wait(launch(run, workdir / "problems.jsonl", "denoise.k_denoise=0", "trainer.total_steps=2",
+                     "trainer.test_freq=2", f"data.val_files=[{evalset}]", "eval.k={e2e_eval: 2}"), run, 900)
+    assert rc == 0, (run.parent / "grpo.log").read_text()[-4000:]
+    m, full = metrics(run), metrics(uninterrupted)
+    assert sorted(m) == [1, 2]
+    for s in (1, 2):
+        assert (m[s]["rows"], m[s]["problems"], m[s]["fallback_count"]) == (4.0, 2.0, 0.0)
+        assert m[s]["problems_without_pool"] == 0.0
+        assert is_nan(m[s]["denoise_accuracy"]) and is_nan(m[s]["prefix_length_mean"])
+        assert m[s]["main_continuation_length_mean"] == m[s]["continuation_length_mean"]
+    assert problems(run)[1] == problems(uninterrupted)[1]
+    assert m[1]["main_continuation_length_mean"] == full[1]["main_continuation_length_mean"]
+    assert m[1]["main_accuracy"] == full[1]["main_accuracy"]
+    # validation at step 2 only: AVG@2 over 3 problems, 6 samples generated
+    assert not any(k.startswith("val/") for k in m[1])
+    v = m[2]
+    assert 0.0 <= v["val/e2e_eval/avg@2"] <= v["val/e2e_eval/pass@2"] <= 1.0
+    assert v["val/e2e_eval/response_tokens"] > 0 and v["time/eval"] > 0
+    assert v["val/overall"] == v["val/e2e_eval/avg@2"]
+
+
+def test_dapo_dynamic_sampling_in_the_loop(workdir):
+    """DAPO dynamic sampling through the real loop: groups whose rows are all wrong (no denoise
+    prefix reached the box, rho < ~0.32) are dropped and more problems are drawn until B groups
+    survive; the counts add up with the problems the step drew, and only mixed groups train."""
+    run = workdir / "dapo"
+    B = 2
+    rc = wait(launch(run, workdir / "problems.jsonl", "algorithm.dynamic_sampling.enabled=true",
+                     "trainer.total_steps=3", "denoise.rho.low=0.05", "denoise.rho.high=0.5"), run, 900)
+    assert rc == 0, (run.parent / "dapo.log").read_text()[-4000:]
+    m, drawn = metrics(run), problems(run)
+    assert sorted(m) == [1, 2, 3]
+    for s in (1, 2, 3):
+        d = m[s]
+        assert d["dapo/kept"] == B and d["problems"] == B and d["rows"] == B * 4
+        assert d["dapo/dropped"] == d["dapo/dropped_all_wrong"] + d["dapo/dropped_all_correct"]
+        assert d["dapo/dropped_all_correct"] == 0  # the random model's main rows never box
+        assert len(drawn[s]) == d["dapo/gen_batches"] * B == d["dapo/kept"] + d["dapo/dropped"] + d["dapo/surplus"]
+        assert d["main_accuracy"] == 0 and d["recovery_rate"] > 0  # every kept group has a recovery
+    # with these rho draws some groups are all wrong (deterministic: seeded draws)
+    assert sum(d["dapo/dropped"] for d in m.values()) > 0
+    assert any(d["dapo/gen_batches"] > 1 for d in m.values())
