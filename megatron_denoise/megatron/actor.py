@@ -19,6 +19,7 @@ no rescaling in finalize_model_grads), so the update does not depend on how the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -196,6 +197,33 @@ class MegatronActor:
            num_microbatches=len(mbs), seq_length=mbs[0].tokens.shape[1] * lay.cp, micro_batch_size=1,
            forward_only=forward_only)
 
+    @contextlib.contextmanager
+    def _router_losses_averaged(self, num_micro_batches: int):
+        """MoE router losses (load balancing, z-loss) as the MEAN over micro-batches and DP ranks.
+
+        megatron back-propagates them with a fixed scale per micro-batch: 1/num_microbatches
+        (grads then averaged over DP) without per-token loss, but 1 with calculate_per_token_loss,
+        which this actor uses with summed DP gradients and no rescaling in finalize. Left alone,
+        the configured coefficients would act num_microbatches x dp times too strongly and change
+        with the micro-batch budget; for the schedule's duration they are divided by that count
+        (the logged router losses are divided by the coefficient in use, so they are unchanged)."""
+        c = self.tf_config
+        n = num_micro_batches * self.groups.layout.dp
+        saved = {k: getattr(c, k, None) for k in ("moe_aux_loss_coeff", "moe_z_loss_coeff")}
+        if not getattr(c, "num_moe_experts", None) or n == 1:
+            yield
+            return
+        for k, v in saved.items():
+            if isinstance(v, (list, tuple)):
+                setattr(c, k, type(v)(x / n for x in v))
+            elif v:
+                setattr(c, k, v / n)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(c, k, v)
+
     def _use_thd(self) -> bool:
         """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
         from megatron_denoise.megatron.model import use_transformer_engine
@@ -283,7 +311,8 @@ class MegatronActor:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._run_schedule(mbs, loss_fn, forward_only=False)
+        with self._router_losses_averaged(len(mbs)):
+            self._run_schedule(mbs, loss_fn, forward_only=False)
 
         # metric partial sums -> batch values, identical everywhere
         keys = ["loss", "pg_loss", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl", "entropy", "kl"]

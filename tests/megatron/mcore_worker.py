@@ -436,6 +436,35 @@ def moe_aux_loss(workdir: str, coeff: float = 0.1) -> dict:
             "output_grad_diff": diff["output_layer.weight"]}
 
 
+@check
+def moe_aux_duplicates(workdir: str, coeff: float = 0.1, copies: int = 3) -> dict:
+    """The load-balancing loss enters the update as the MEAN over micro-batches (megatron's own
+    scaling without per-token loss): a batch of `copies` identical rows, one per micro-batch, must
+    give the gradients of the single row, for the policy loss (global token mean) and the
+    auxiliary loss alike."""
+    cfg = run_config("moe")
+    cfg.model.moe.aux_loss_coeff = coeff
+    cfg.algorithm.force_on_policy = True
+    b = make_batch()
+    one = ActorBatch(input_ids=b.input_ids[:1], sequence_lengths=b.sequence_lengths[:1],
+                     loss_mask=b.loss_mask[:1], advantages=b.advantages[:1])
+    many = ActorBatch(input_ids=one.input_ids.repeat(copies, 1), sequence_lengths=one.sequence_lengths.repeat(copies),
+                      loss_mask=one.loss_mask.repeat(copies, 1), advantages=one.advantages.repeat(copies))
+    cfg.trainer.micro_batch_tokens = int(one.sequence_lengths[0])  # one row per micro-batch
+    actor = make_actor(cfg, layout(dist.get_world_size()))
+    capture_grads(actor)
+    names = {p: n for m in actor.model for n, p in m.named_parameters()}
+    grads, micro = [], []
+    for batch in (one, many):
+        _load_ref(actor, workdir, model="moe")
+        micro.append(actor.train_step(batch)["num_micro_batches"])
+        grads.append({names[p]: g for p, g in actor._captured_grads.items()})
+    diff = {k: float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0]}
+    router = [k for k in diff if "router" in k]
+    return {"micro_batches": micro, "max_diff": max(diff.values()), "router_diff": max(diff[k] for k in router),
+            "router_grad": max(float(grads[0][k].abs().max()) for k in router)}
+
+
 # --- shims: each must still be needed (removing it breaks the megatron call it covers) -------
 
 

@@ -136,6 +136,7 @@ def l1(workdir) -> dict:
     checks.append({"name": "split_invariance", "kind": "split_invariance"})
     checks.append({"name": "update_ppo", "kind": "update_ppo"})
     checks.append({"name": "moe_aux_loss", "kind": "moe_aux_loss"})
+    checks.append({"name": "moe_aux_duplicates", "kind": "moe_aux_duplicates"})
     checks.append({"name": "ckpt_crash", "kind": "ckpt_crash"})  # last: it kills the process
     return launch(1, checks, workdir, "l1", expect_killed=True)
 
@@ -196,6 +197,12 @@ def test_moe_aux_loss_reaches_router_gradients(l1):
     assert r["loss"] < TOL  # the reported policy loss excludes the auxiliary loss
     assert r["router_grad_diff"] > 1e-6  # ... which still trains the router
     assert r["output_grad_diff"] < TOL  # the output layer sees only the policy loss
+
+
+def test_moe_aux_loss_is_averaged_over_micro_batches(l1):
+    r = ok(l1, "moe_aux_duplicates")
+    assert r["micro_batches"] == [1, 3] and r["router_grad"] > 1e-4
+    assert r["router_diff"] < TOL and r["max_diff"] < TOL  # 3 copies of a row == the row
 
 
 def _assert_parity(r: dict) -> None:
