@@ -193,7 +193,7 @@ class AlgorithmConfig:
 @dataclass
 class RewardConfig:
     num_workers: int = f(2, "Verifier worker processes (math-verify runs in them, sandboxed)")
-    deadline_s: float = f(5.0, "Per-answer deadline; a timed-out answer scores 0 and is counted")
+    deadline_s: float = f(5.0, "Per-answer deadline in CPU seconds of a verifier worker (a loaded node does not time out a right answer); a timed-out answer scores 0 and is counted")
     max_answer_chars: int = f(2048, "Longer extracted answers score 0 without being parsed")
 
 

@@ -5,9 +5,12 @@
 
 Per text: the last `\\boxed{}` is cut out here (boxed.py; no box -> `no_box` without a round trip,
 an answer longer than `max_answer_chars` -> `error`), the answer goes to an idle worker, which
-judges it with math-verify under a soft deadline (SIGALRM on the worker's own main thread, see
-worker.py). If the worker has not answered `kill_grace_s` after the deadline (stuck in C code),
-it is killed, the answer scores 0 with status `timeout`, and a replacement worker starts. A
+judges it with math-verify under a soft deadline of CPU time (SIGPROF on the worker's own main
+thread, see worker.py). If the worker has not answered after spending `kill_grace_s` more CPU time
+(stuck in C code), or after `wall_limit_s` of wall-clock time (stuck without spinning), it is
+killed, the answer scores 0 with status `timeout`, and a replacement worker starts. Deadlines
+count CPU time so that a loaded node, which starves the workers, does not turn right answers
+into timeouts. A
 worker that dies while judging (crash, OOM kill) makes that answer `error`; an idle worker
 found dead is replaced without charging any answer. The pool never raises for a bad answer.
 
@@ -37,6 +40,7 @@ from megatron_denoise.reward.worker import read_frame, write_frame
 
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MAX_CONSECUTIVE_START_FAILURES = 3
+_CPU_CHECK_S = 0.1  # how often a busy worker's CPU time is sampled against its budget
 
 
 class _Worker:
@@ -54,13 +58,36 @@ class _Worker:
         self.state = "starting"          # starting | ready | dead
         self.inflight: deque[int] = deque()  # answer indices sent, in order; [0] is being judged
         self.head_start = 0.0            # when the head answer started (send or previous result)
+        self.head_cpu = 0.0              # the worker's CPU seconds at that moment
         self.startup_deadline = startup_deadline
         self.pid = proc.pid
+        self._ps = None
 
-    def hard_deadline(self, deadline_s: float, grace_s: float) -> float:
-        if self.state == "starting":
-            return self.startup_deadline
-        return self.head_start + deadline_s + grace_s
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the worker so far (0 if it is already gone)."""
+        import psutil
+
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            t = self._ps.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    def start_head(self, now: float) -> None:
+        self.head_start, self.head_cpu = now, self.cpu_seconds()
+
+    def wall_deadline(self, wall_limit_s: float) -> float:
+        """The wall-clock time at which the worker is given up on (start-up, or the head answer)."""
+        return self.startup_deadline if self.state == "starting" else self.head_start + wall_limit_s
+
+    def over_budget(self, now: float, cpu_budget_s: float, wall_limit_s: float) -> bool:
+        if now > self.wall_deadline(wall_limit_s):
+            return True
+        if self.state != "ready" or now - self.head_start <= cpu_budget_s:
+            return False  # the (single-threaded) worker cannot have used more CPU than wall time
+        return self.cpu_seconds() - self.head_cpu > cpu_budget_s
 
     def kill(self) -> None:
         self.state = "dead"
@@ -101,8 +128,10 @@ class VerifierPool:
 
     Args:
         num_workers: worker processes (each ~70 MB resident after warm-up; idle between batches).
-        deadline_s: per-answer budget inside a worker (soft, SIGALRM in the worker).
-        kill_grace_s: extra wait after the deadline before the worker is killed and replaced.
+        deadline_s: per-answer budget of CPU seconds inside a worker (soft: SIGPROF in the worker).
+        kill_grace_s: extra CPU seconds after the deadline before the worker is killed and replaced.
+        wall_limit_s: wall-clock seconds after which a worker still on one answer is killed
+            whatever its CPU time (default: 10 x (deadline_s + kill_grace_s)).
         max_answer_chars: longer extracted answers score 0 (`error`) without being parsed
             (math-verify's regexes are super-linear on long inputs; real answers are short).
         memory_mb: address-space limit per worker (RLIMIT_AS); 0 = unlimited.
@@ -121,6 +150,7 @@ class VerifierPool:
         startup_timeout_s: float = 120.0,
         python: Optional[str] = None,
         pipeline_depth: int = 2,
+        wall_limit_s: Optional[float] = None,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -129,6 +159,9 @@ class VerifierPool:
         self.num_workers = num_workers
         self.deadline_s = float(deadline_s)
         self.kill_grace_s = float(kill_grace_s)
+        self.wall_limit_s = float(wall_limit_s) if wall_limit_s is not None else 10.0 * (deadline_s + kill_grace_s)
+        if self.wall_limit_s <= 0:
+            raise ValueError(f"wall_limit_s must be > 0, got {wall_limit_s}")
         self.max_answer_chars = int(max_answer_chars)
         self.memory_mb = int(memory_mb)
         self.startup_timeout_s = float(startup_timeout_s)
@@ -317,7 +350,7 @@ class VerifierPool:
             return False
         queue.popleft()
         if not w.inflight:
-            w.head_start = time.monotonic()
+            w.start_head(time.monotonic())
         w.inflight.append(i)
         return True
 
@@ -326,9 +359,11 @@ class VerifierPool:
         waiting = [w for w in self._workers if w.state == "starting" or (w.state == "ready" and w.inflight)]
         if not waiting:
             return
-        hard = {id(w): w.hard_deadline(self._deadline, self.kill_grace_s) for w in waiting}
         now = time.monotonic()
-        timeout_ms = max(0, int(1000 * (min(hard.values()) - now)) + 1)
+        wake = min(w.wall_deadline(self.wall_limit_s) for w in waiting)
+        if any(w.state == "ready" for w in waiting):
+            wake = min(wake, now + _CPU_CHECK_S)  # CPU budgets are checked by sampling
+        timeout_ms = max(0, int(1000 * (wake - now)) + 1)
         poller = select.poll()  # poll, not select: trainer processes can hold fds >= 1024
         by_fd = {}
         for w in waiting:
@@ -352,12 +387,13 @@ class VerifierPool:
         now = time.monotonic()
         for w in waiting:
             if (w.state == "dead" or (w.state == "ready" and not w.inflight)
-                    or now <= w.hard_deadline(self._deadline, self.kill_grace_s)):
+                    or not w.over_budget(now, self._deadline + self.kill_grace_s, self.wall_limit_s)):
                 continue
             if w.state == "starting":
                 self._on_death(w, results, queue, detail="did not start in time")
                 continue
-            # Stuck past deadline + grace (e.g. in C code where SIGALRM cannot act): kill it.
+            # Past deadline + grace in CPU time (e.g. in C code where SIGPROF cannot act), or
+            # past the wall-clock limit: kill it.
             self._on_death(w, results, queue, detail="worker killed at hard deadline", killed=True)
 
     def _on_result(self, w: _Worker, msg: dict, results: Optional[list]) -> None:
@@ -367,7 +403,7 @@ class VerifierPool:
         if results is not None:
             results[i] = VerifyResult(float(msg["score"]), VerifyStatus(msg["status"]), self._answers[i],
                                       now - w.head_start, str(msg.get("detail", "")))
-        w.head_start = now  # the next answer in its pipe starts now
+        w.start_head(now)  # the next answer in its pipe starts now
 
     def _on_death(self, w: _Worker, results: Optional[list], queue: Optional[deque], detail: str = "",
                   killed: bool = False) -> None:

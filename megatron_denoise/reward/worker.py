@@ -114,10 +114,12 @@ def _score(msg: dict) -> dict:
     before = guard.blocked_count()
     t0 = time.monotonic()
     status, score, detail = "ok", 0.0, ""
-    signal.setitimer(signal.ITIMER_REAL, max(float(msg["soft_s"]), 1e-3))
+    # the soft deadline counts this process's CPU time (ITIMER_PROF -> SIGPROF), not the wall
+    # clock: a worker starved of CPU by a busy node does not time out a right answer
+    signal.setitimer(signal.ITIMER_PROF, max(float(msg["soft_s"]), 1e-3))
     try:
         score, detail = judge(msg["answer"], list(msg["golds"]))
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
     except SoftTimeout:
         status, score, detail = "timeout", 0.0, "soft deadline"
     except guard.GuardViolation as e:
@@ -125,7 +127,7 @@ def _score(msg: dict) -> dict:
     except BaseException as e:  # RecursionError, MemoryError, anything: the answer scores 0
         status, score, detail = "error", 0.0, f"{type(e).__name__}: {str(e)[:200]}"
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
     return {"op": "result", "id": msg["id"], "score": float(score), "status": status,
             "detail": detail, "blocked": guard.blocked_count() - before,
             "elapsed_s": time.monotonic() - t0}
@@ -156,7 +158,7 @@ def main() -> None:
         sys.exit(3)
     except guard.GuardViolation:
         pass
-    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGPROF, _on_alarm)
     write_frame(out_fd, {"op": "ready", "pid": os.getpid(), "blocked_at_start": guard.blocked_count()})
     while True:
         msg = read_frame(in_fd)

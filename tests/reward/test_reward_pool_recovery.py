@@ -1,7 +1,9 @@
 """The pool survives workers that crash or hang: the answer in flight scores 0, a replacement starts.
 
 Crashes and hangs are produced from outside, deterministically: SIGKILL (a crash / OOM kill) and
-SIGSTOP (a worker stuck where its own SIGALRM deadline cannot fire, e.g. in C code).
+SIGSTOP (a worker stuck without running, which only the wall-clock limit catches). A worker that is
+merely starved of CPU (here: stopped for a while, then continued) is NOT charged for the wait:
+deadlines count CPU time.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _when_busy_then(pool: VerifierPool, sig: int, item: int = 0) -> threading.Th
 
 
 def test_crash_hang_and_idle_death_are_survived():
-    with VerifierPool(num_workers=2, deadline_s=3.0, kill_grace_s=0.5) as pool:
+    with VerifierPool(num_workers=2, deadline_s=3.0, kill_grace_s=0.5, wall_limit_s=6.0) as pool:
         pool.wait_ready()
         pids0 = set(pool.worker_pids())
         fast = [r"\boxed{%d}" % k for k in range(6)]
@@ -49,13 +51,13 @@ def test_crash_hang_and_idle_death_are_survived():
         assert len(pids1) == 2 and len(pids1 & pids0) == 1   # one replaced
         assert pool.stats["workers_died"] == 1
 
-        # 2. Hang: the worker stops responding; the pool kills it at deadline + grace.
+        # 2. Hang: the worker stops responding; the pool kills it at the wall-clock limit.
         pool.wait_ready()
         stopper = _when_busy_then(pool, signal.SIGSTOP)
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         stopper.join()
         assert res[0].status is VerifyStatus.TIMEOUT and "killed" in res[0].detail, res[0]
-        assert 3.0 + 0.5 <= res[0].elapsed_s <= 3.0 + 0.5 + 3.0, res[0].elapsed_s  # slack: shared CI
+        assert 6.0 <= res[0].elapsed_s <= 6.0 + 3.0, res[0].elapsed_s  # slack: shared CI
         assert [r.score for r in res[1:]] == [1.0] * 6, res
         assert pool.stats["workers_killed"] == 1
         assert len(set(pool.worker_pids()) & pids1) == 1
@@ -74,6 +76,27 @@ def test_crash_hang_and_idle_death_are_survived():
         assert len(procs) == 2 and all(p.poll() is None for p in procs)
     # close() stopped every worker process.
     assert all(p.poll() is not None for p in procs)
+
+
+def test_starved_worker_is_not_charged_for_the_wait():
+    """Stopped (no CPU at all) for 3x its deadline + grace, then continued: the right answer still
+    scores 1. With wall-clock deadlines it was a timeout."""
+    with VerifierPool(num_workers=1, deadline_s=0.5, kill_grace_s=0.5, wall_limit_s=30.0) as pool:
+        pool.wait_ready()
+        pid = pool.worker_pids()[0]
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(3.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            t0 = time.monotonic()
+            res = pool.score_batch([r"\boxed{\frac{1}{2}}", r"\boxed{7}"], ["0.5", "7"])
+            waited = time.monotonic() - t0
+        finally:
+            resume.cancel()
+            os.kill(pid, signal.SIGCONT)
+        assert waited >= 3.0
+        assert [(r.status, r.score) for r in res] == [(VerifyStatus.OK, 1.0)] * 2, res
+        assert pool.stats["workers_killed"] == 0 and pool.worker_pids() == [pid]
 
 
 def test_interrupted_batch_leaves_no_stale_results():
