@@ -12,11 +12,13 @@ not pickle: the parent never unpickles bytes produced by a process that has hand
                     {"op": "result", "id": i, "score": 0|1, "status": ok|timeout|error,
                      "detail": str, "blocked": int, "elapsed_s": float}
 
-Deadline inside the worker: this process's main thread runs the judge, so a SIGALRM interval
-timer works here (it cannot in the trainer's threads). It raises `SoftTimeout`, a BaseException
-that math-verify's `except Exception` handlers do not swallow, and the worker stays usable. Code
-stuck in C (a huge integer power) does not see the signal: then the parent kills this process at
-the hard deadline and starts a replacement.
+Deadline inside the worker: this process's main thread runs the judge, so an interval timer
+works here (it cannot in the trainer's threads). It is ITIMER_PROF, which counts this process's
+CPU time, so waiting for a CPU on a loaded node does not use up the budget. Its SIGPROF raises
+`SoftTimeout`, a BaseException that math-verify's `except Exception` handlers do not swallow, and
+the worker stays usable. Code stuck in C (a huge integer power) does not see the signal: then the
+parent kills this process once it has spent the grace on top in CPU time (or at its wall-clock
+limit) and starts a replacement.
 """
 from __future__ import annotations
 
