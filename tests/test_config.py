@@ -121,6 +121,7 @@ MOE = ["model.family=qwen3_moe", "model.moe.num_experts=4", "model.moe.router_to
 
 # (overrides, world size, substrings that the ONE error line must contain)
 MALFORMED = [
+    (["checkpoint.optimizer_format=fully_sharded"], 1, ["checkpoint.optimizer_format", "fully_sharded", "fully_reshardable"]),
     (["denoise.k_denoize=2"], 1, ["unknown key 'denoise.k_denoize'", "did you mean 'denoise.k_denoise'"]),
     (["paralel.tensor_model_parallel_size=2"], 1, ["unknown key 'paralel'", "did you mean 'parallel'"]),
     (["parallel.tensor_model_parallel_size=8"], 8, ["model.num_attention_heads (4)", "tensor_model_parallel_size (8)"]),

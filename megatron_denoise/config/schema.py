@@ -227,6 +227,10 @@ class CheckpointConfig:
     keep_last: int = f(3, "Checkpoints kept (older ones deleted after a successful save)")
     resume: str = f("auto", "auto (newest complete checkpoint) | none | a checkpoint path")
     export_hf_at_end: bool = f(True, "Export the final policy as a Hugging Face folder")
+    optimizer_format: str = f("dp_reshardable", "Distributed-optimizer state on disk: dp_reshardable (every rank "
+                              "writes its own shard, fastest; the optimizer resumes only at the same layout) | "
+                              "fully_reshardable (gathered per model-parallel shard on its DP rank 0 at save; "
+                              "resumes at any tp/pp/dp/ep layout). Weights reshard either way")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from megatron_denoise.layout import ParallelLayout, check_layout
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")  # megatron distributed-optimizer sharding types
 
 
 def _choice(errors: list[str], key: str, value, allowed) -> None:
@@ -130,6 +131,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                  f"(data.max_prompt_length + data.max_response_length = {P + R})")
     if cfg.checkpoint.save_interval < 0:
         e.append(f"checkpoint.save_interval ({cfg.checkpoint.save_interval}) must be >= 0 (0: only at exit)")
+    _choice(e, "checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
     _choice(e, "cluster.backend", cfg.cluster.backend, ("auto", "nccl", "gloo"))
     _choice(e, "cluster.device", cfg.cluster.device, ("auto", "cuda", "cpu"))
     if cfg.cluster.num_nodes < 1 or cfg.cluster.gpus_per_node < 1:

@@ -32,7 +32,25 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
-_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+# on-disk formats of the optimizer state that load at any layout ("model_space": a regular, not
+# distributed, optimizer keeps per-parameter state next to the model's sharded tensors)
+_RESHARDABLE = ("fully_reshardable", "model_space")
+
+
+def _optimizer_format(actor: Any) -> str:
+    """checkpoint.optimizer_format for the distributed optimizer, else "model_space"."""
+    if not actor.cfg.parallel.use_distributed_optimizer:
+        return "model_space"
+    return actor.cfg.checkpoint.optimizer_format
+
+
+def _opt_metadata(fmt: str) -> dict:
+    meta = {"distrib_optim_sharding_type": "dp_reshardable" if fmt == "model_space" else fmt}
+    if fmt == "fully_reshardable":
+        # gather each model-parallel shard's optimizer state on its DP rank 0 only (over the gloo
+        # DP group), not on every DP rank: the state of a whole shard is large
+        meta["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return meta
 
 
 def _layout_dict(layout: Any) -> dict:
@@ -106,8 +124,9 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
     dist.barrier()
 
     state = _model_sharded_state_dict(actor)
+    fmt = _optimizer_format(actor)
     if save_optimizer:
-        state["optimizer"] = actor.optimizer.sharded_state_dict(state, metadata=_OPT_META)
+        state["optimizer"] = actor.optimizer.sharded_state_dict(state, metadata=_opt_metadata(fmt))
     dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=None)
     torch.save({"torch": torch.get_rng_state(), "tracker": ps.get_rng_tracker_states()},
                tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -119,6 +138,7 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
             "scheduler": actor.scheduler.state_dict(),
             "skipped_steps": actor.skipped_steps,
             "has_optimizer": save_optimizer,
+            "optimizer_format": fmt,
         }
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1, default=_json_default)
@@ -158,9 +178,11 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
                     load_rng: Optional[bool] = None) -> dict:
     """Load a checkpoint folder (or a root holding `latest`) into `actor`.
 
-    Model weights always load (resharded to the actor's layout). Optimizer, scheduler and RNG
-    load by default only when the saved layout equals the current one. Returns the meta dict
-    (step, data_cursor, layout, ...); sets actor.step.
+    Model weights always load (resharded to the actor's layout). Optimizer and scheduler load by
+    default when the optimizer state can be read at this layout: the same layout, or a
+    reshardable format (checkpoint.optimizer_format=fully_reshardable, or a regular optimizer);
+    otherwise rank 0 says why they start fresh. RNG states load only at the same layout. Returns
+    the meta dict (step, data_cursor, layout, ..., optimizer_loaded); sets actor.step.
     """
     from megatron.core import dist_checkpointing
 
@@ -174,8 +196,17 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
         path = found
     meta = json.loads((path / "meta.json").read_text())
     same_layout = meta["layout"] == _layout_dict(actor.groups.layout)
+    saved_fmt = meta.get("optimizer_format", "dp_reshardable")
+    same_kind = (saved_fmt == "model_space") == (_optimizer_format(actor) == "model_space")
     if load_optimizer is None:
-        load_optimizer = same_layout and meta.get("has_optimizer", False)
+        load_optimizer = bool(meta.get("has_optimizer", False)) and same_kind and (
+            same_layout or saved_fmt in _RESHARDABLE)
+        if meta.get("has_optimizer", False) and not load_optimizer and dist.get_rank() == 0:
+            why = ("it was saved by a distributed optimizer and this run uses a regular one, or the reverse"
+                   if not same_kind else f"it was saved as {saved_fmt} at layout {meta['layout']}, which loads only "
+                   f"at that layout (checkpoint.optimizer_format=fully_reshardable resumes at any layout)")
+            print(f"[megatron-denoise] {path}: optimizer and LR-scheduler state start fresh: {why}; "
+                  f"the weights are resumed", flush=True)
     if load_rng is None:
         load_rng = same_layout
 
@@ -183,7 +214,8 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
     if load_optimizer:
         # the optimizer's sharded state refers to the model's sharded tensors: build it from the
         # same dict, then load both in one pass
-        state["optimizer"] = actor.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_META)
+        state["optimizer"] = actor.optimizer.sharded_state_dict(state, is_loading=True,
+                                                                metadata=_opt_metadata(saved_fmt))
     loaded = dist_checkpointing.load(state, str(path / "dist"), strict="assume_ok_unexpected")
     # dist_checkpointing already loaded into the parameters in place; load_state_dict (strict)
     # also checks that every key of the chunk was found
@@ -201,5 +233,6 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
         ps.set_rng_tracker_states(rng["tracker"])
     actor.step = int(meta["step"])
     actor.skipped_steps = int(meta.get("skipped_steps", 0))
+    meta["optimizer_loaded"] = bool(load_optimizer)
     dist.barrier()
     return meta

@@ -500,7 +500,11 @@ def shim_distopt_load() -> list:
       checkpoint) has no state yet: initialise it (init_state_fn) with `step` 0 first;
     - load_state_dict copies into leaf main params that require grad: run it under no_grad, then
       give each parameter its own `step` tensor (torch AdamW would otherwise increment one shared
-      step once per parameter, and the second step after resume diverges)."""
+      step once per parameter, and the second step after resume diverges);
+    - the fully-reshardable format's loader (distrib_optimizer.py:2116 ->
+      _set_main_param_and_optimizer_states, 940) copies every per-parameter state key, but
+      supplies none for torch AdamW's per-parameter `step` (TE/Apex Adam has no such key): the
+      copy skips `step`, which load_state_dict above then sets from the saved param groups."""
     do = _mod("megatron.core.optimizer.distrib_optimizer")
     cls = do.DistributedOptimizer
     orig_state_dict = cls.__dict__["state_dict"]
@@ -533,7 +537,22 @@ def shim_distopt_load() -> list:
                 if st is not None and len(st):
                     st["step"] = torch.tensor(step)
 
-    return [_set(cls, "state_dict", state_dict), _set(cls, "load_state_dict", load_state_dict)]
+    orig_set = cls.__dict__["_set_main_param_and_optimizer_states"]
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main = self.optimizer.param_groups[group_index]["params"][group_order]
+        st = self.optimizer.state.get(main)
+        if "step" in tensors or st is None or "step" not in st:
+            return orig_set(self, model_param, tensors)
+        step = st.pop("step")
+        try:
+            return orig_set(self, model_param, tensors)
+        finally:
+            st["step"] = step
+
+    return [_set(cls, "state_dict", state_dict), _set(cls, "load_state_dict", load_state_dict),
+            _set(cls, "_set_main_param_and_optimizer_states", set_main_param_and_optimizer_states)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -344,6 +344,37 @@ def ckpt_resume(workdir: str, lay: dict, distopt: bool = True) -> dict:
 
 
 @check
+def ckpt_reshard(workdir: str, save_lay: dict, load_lay: dict, fmt: str) -> dict:
+    """Adam + distributed optimizer: step 1 at `save_lay`, save, steps 2-3 there (run A); a fresh
+    actor at `load_lay` loads the checkpoint and takes steps 2-3 (run B). With a reshardable
+    optimizer format the two runs end with the same weights; without, the optimizer starts fresh
+    (and the weights differ)."""
+    from megatron_denoise.megatron.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = run_config("dense", optimizer="adam", distopt=True)
+    cfg.checkpoint.optimizer_format = fmt
+    cfg.optimizer.scheduler, cfg.optimizer.warmup_steps, cfg.trainer.total_steps = "cosine", 1, 5
+    world = dist.get_world_size()
+    batch = make_batch()
+    actor = make_actor(cfg, layout(world, **save_lay))
+    _load_ref(actor, workdir, optimizer="adam")
+    logp, _ = actor.compute_logprobs(batch)
+    b = with_old_logprobs(batch, logp)
+    actor.train_step(b)
+    root = Path(workdir) / f"ckpt_reshard_{fmt}"
+    save_checkpoint(actor, root)
+    la = [actor.train_step(b)["lr"] for _ in range(2)]
+    save_model_tensors(actor, Path(workdir) / f"reshard_{fmt}_a")
+    ps.teardown()
+    actor2 = make_actor(cfg, layout(world, **load_lay), seed=99)
+    meta = load_checkpoint(actor2, root)
+    lb = [actor2.train_step(b)["lr"] for _ in range(2)]
+    save_model_tensors(actor2, Path(workdir) / f"reshard_{fmt}_b")
+    return {"optimizer_loaded": meta["optimizer_loaded"], "lr": [la, lb],
+            "after": max_diff(plain(Path(workdir) / f"reshard_{fmt}_a"), plain(Path(workdir) / f"reshard_{fmt}_b"))}
+
+
+@check
 def ckpt_crash(workdir: str) -> dict:
     """Save step 1, then kill -9 this process in the middle of saving step 2 (after the shards
     are written, before the checkpoint is published). Never returns."""

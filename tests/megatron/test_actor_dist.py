@@ -155,6 +155,10 @@ def l2(workdir, l1) -> dict:
         {"name": "load_tp1_as_pp2_vpp2", "kind": "ckpt_load", "args": {"lay": {"pp": 2, "vpp": 2}, "tag": "tp1"}},
         {"name": "resume_tp2", "kind": "ckpt_resume", "args": {"lay": {"tp": 2}, "distopt": False}},
         {"name": "after_crash_tp2", "kind": "ckpt_after_crash", "args": {"lay": {"tp": 2}}},
+        {"name": "reshard_full", "kind": "ckpt_reshard",
+         "args": {"save_lay": {"tp": 2}, "load_lay": {}, "fmt": "fully_reshardable"}},
+        {"name": "reshard_dp", "kind": "ckpt_reshard",
+         "args": {"save_lay": {"tp": 2}, "load_lay": {}, "fmt": "dp_reshardable"}},
     ]
     return launch(2, checks, workdir, "l2")
 
@@ -278,6 +282,16 @@ def test_resume_same_layout_is_exact(l2):
     # steps 2 and 3 use lr(1) = 1e-3 and lr(2) = 1e-3 * (1 + cos(pi / 4)) / 2
     assert r["lr"][0][0] == pytest.approx(1e-3)
     assert r["lr"][1][0] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_optimizer_resumes_at_another_layout_when_reshardable(l2):
+    """Saved at tp=2 (dp=1), resumed at dp=2 (tp=1), Adam with the distributed optimizer."""
+    full = ok(l2, "reshard_full")
+    assert full["optimizer_loaded"] and full["after"]["n"] >= 10
+    assert full["after"]["max"] < TOL  # moments, step count and LR schedule came across
+    assert full["lr"][0] == full["lr"][1]
+    dp = ok(l2, "reshard_dp")  # dp_reshardable: weights resume, the optimizer starts fresh
+    assert not dp["optimizer_loaded"] and dp["after"]["max"] > 1e-4
 
 
 def test_kill9_during_save_keeps_previous_checkpoint(l1, l2):
