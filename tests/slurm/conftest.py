@@ -104,8 +104,10 @@ class SlurmCluster:
         """Poll until the job reaches a final state (or `until(info)` holds); cancel it on timeout.
 
         kick_requeued: a requeued job waits for its old credential to expire (cred_expire=10 s
-        here) before it may start; `StartTime=now` lets it start at once, as the harness has no
-        reason to wait.
+        here) before it may start; `StartTime=now+3` lets it start sooner. Not at once: slurmd
+        revokes the old credential when the first run ends, with one-second resolution, and a
+        restart within that second is refused ("Job credential revoked": the job FAILS; seen once
+        in a CI run).
         """
         deadline = time.monotonic() + timeout
         kicked = set()
@@ -120,7 +122,7 @@ class SlurmCluster:
                             + self.diagnose(job), pytrace=False)
             restarts = info.get("Restarts", "0")
             if kick_requeued and info["JobState"] == "PENDING" and restarts != "0" and restarts not in kicked:
-                self.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now", check=False)
+                self.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now+3", check=False)
                 kicked.add(restarts)
             if time.monotonic() > deadline:
                 diag = self.diagnose(job)
