@@ -344,14 +344,14 @@ def ckpt_resume(workdir: str, lay: dict, distopt: bool = True) -> dict:
 
 
 @check
-def ckpt_reshard(workdir: str, save_lay: dict, load_lay: dict, fmt: str) -> dict:
-    """Adam + distributed optimizer: step 1 at `save_lay`, save, steps 2-3 there (run A); a fresh
+def ckpt_reshard(workdir: str, save_lay: dict, load_lay: dict, fmt: str, distopt: bool = True) -> dict:
+    """Adam (+ distributed optimizer unless `distopt` is false): step 1 at `save_lay`, save, steps 2-3 there (run A); a fresh
     actor at `load_lay` loads the checkpoint and takes steps 2-3 (run B). With a reshardable
     optimizer format the two runs end with the same weights; without, the optimizer starts fresh
     (and the weights differ)."""
     from megatron_denoise.megatron.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = run_config("dense", optimizer="adam", distopt=True)
+    cfg = run_config("dense", optimizer="adam", distopt=distopt)
     cfg.checkpoint.optimizer_format = fmt
     cfg.optimizer.scheduler, cfg.optimizer.warmup_steps, cfg.trainer.total_steps = "cosine", 1, 5
     world = dist.get_world_size()
@@ -361,6 +361,7 @@ def ckpt_reshard(workdir: str, save_lay: dict, load_lay: dict, fmt: str) -> dict
     logp, _ = actor.compute_logprobs(batch)
     b = with_old_logprobs(batch, logp)
     actor.train_step(b)
+    fmt = fmt if distopt else "regular"
     root = Path(workdir) / f"ckpt_reshard_{fmt}"
     save_checkpoint(actor, root)
     la = [actor.train_step(b)["lr"] for _ in range(2)]

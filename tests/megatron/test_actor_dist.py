@@ -159,6 +159,8 @@ def l2(workdir, l1) -> dict:
          "args": {"save_lay": {"tp": 2}, "load_lay": {}, "fmt": "fully_reshardable"}},
         {"name": "reshard_dp", "kind": "ckpt_reshard",
          "args": {"save_lay": {"tp": 2}, "load_lay": {}, "fmt": "dp_reshardable"}},
+        {"name": "reshard_regular", "kind": "ckpt_reshard",
+         "args": {"save_lay": {"tp": 2}, "load_lay": {"pp": 2}, "fmt": "dp_reshardable", "distopt": False}},
     ]
     return launch(2, checks, workdir, "l2")
 
@@ -292,6 +294,8 @@ def test_optimizer_resumes_at_another_layout_when_reshardable(l2):
     assert full["lr"][0] == full["lr"][1]
     dp = ok(l2, "reshard_dp")  # dp_reshardable: weights resume, the optimizer starts fresh
     assert not dp["optimizer_loaded"] and dp["after"]["max"] > 1e-4
+    regular = ok(l2, "reshard_regular")  # a regular optimizer's state is per parameter: tp2 -> pp2
+    assert regular["optimizer_loaded"] and regular["after"]["max"] < TOL
 
 
 def test_kill9_during_save_keeps_previous_checkpoint(l1, l2):
