@@ -308,22 +308,32 @@ def ckpt_load(workdir: str, lay: dict, tag: str) -> dict:
             "logits_shape": None if logits is None else list(logits.shape)}
 
 
+def _adam_cosine_config(distopt: bool) -> Config:
+    cfg = run_config("dense", optimizer="adam", distopt=distopt)
+    cfg.optimizer.scheduler, cfg.optimizer.warmup_steps, cfg.trainer.total_steps = "cosine", 1, 5
+    return cfg
+
+
+def _first_adam_step(cfg: Config, lay: ParallelLayout, workdir: str):
+    """An Adam actor from the reference weights after its first step, and the batch it used."""
+    batch = make_batch()
+    actor = make_actor(cfg, lay)
+    _load_ref(actor, workdir, optimizer="adam")
+    logp, _ = actor.compute_logprobs(batch)
+    b = with_old_logprobs(batch, logp)
+    actor.train_step(b)
+    return actor, b
+
+
 @check
 def ckpt_resume(workdir: str, lay: dict, distopt: bool = True) -> dict:
     """Same layout: step 1, save, steps 2-3 (run A); fresh actor, load, steps 2-3 (run B):
     identical weights and metrics (optimizer state, scheduler, step restored)."""
     from megatron_denoise.megatron.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = run_config("dense", optimizer="adam", distopt=distopt)
-    cfg.optimizer.scheduler, cfg.optimizer.warmup_steps = "cosine", 1
-    cfg.trainer.total_steps = 5
+    cfg = _adam_cosine_config(distopt)
     world = dist.get_world_size()
-    batch = make_batch()
-    actor = make_actor(cfg, layout(world, **lay))
-    _load_ref(actor, workdir, optimizer="adam")
-    logp, _ = actor.compute_logprobs(batch)
-    b = with_old_logprobs(batch, logp)
-    actor.train_step(b)
+    actor, b = _first_adam_step(cfg, layout(world, **lay), workdir)
     root = Path(workdir) / f"ckpt_resume_{int(distopt)}"
     save_checkpoint(actor, root)
     rng_saved = (torch.get_rng_state(), ps.get_rng_tracker_states())
@@ -351,16 +361,10 @@ def ckpt_reshard(workdir: str, save_lay: dict, load_lay: dict, fmt: str, distopt
     (and the weights differ)."""
     from megatron_denoise.megatron.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = run_config("dense", optimizer="adam", distopt=distopt)
+    cfg = _adam_cosine_config(distopt)
     cfg.checkpoint.optimizer_format = fmt
-    cfg.optimizer.scheduler, cfg.optimizer.warmup_steps, cfg.trainer.total_steps = "cosine", 1, 5
     world = dist.get_world_size()
-    batch = make_batch()
-    actor = make_actor(cfg, layout(world, **save_lay))
-    _load_ref(actor, workdir, optimizer="adam")
-    logp, _ = actor.compute_logprobs(batch)
-    b = with_old_logprobs(batch, logp)
-    actor.train_step(b)
+    actor, b = _first_adam_step(cfg, layout(world, **save_lay), workdir)
     fmt = fmt if distopt else "regular"
     root = Path(workdir) / f"ckpt_reshard_{fmt}"
     save_checkpoint(actor, root)
