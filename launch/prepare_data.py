@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_denoise.config.loader import load_config
 
         prompt = load_config(args.config, validate=False).data.prompt
+        if Path(args.input).exists():
+            print(f"note: {args.input} is a file: its own prompts are used, --config's data.prompt only "
+                  f"renders named sets", file=sys.stderr)
     try:
         summary = prepare_pool(resolve_input(args.input, args.output_dir, prompt), model, settings, output_dir=args.output_dir, overwrite=args.overwrite,
                                progress=not args.no_progress, fail_after_chunks=args.fail_after_chunks)

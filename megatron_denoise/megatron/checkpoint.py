@@ -45,7 +45,10 @@ def _optimizer_format(actor: Any) -> str:
 
 
 def _opt_metadata(fmt: str) -> dict:
-    meta = {"distrib_optim_sharding_type": "dp_reshardable" if fmt == "model_space" else fmt}
+    """The distributed optimizer's sharded_state_dict metadata; a regular optimizer needs none."""
+    if fmt == "model_space":
+        return {}
+    meta = {"distrib_optim_sharding_type": fmt}
     if fmt == "fully_reshardable":
         # gather each model-parallel shard's optimizer state on its DP rank 0 only (over the gloo
         # DP group), not on every DP rank: the state of a whole shard is large
