@@ -6,7 +6,7 @@ side by side in one run (timings on shared machines swing; compare the ratio wit
 
 Requests are one DenoiseRL step's rows: per GSM8K problem, N main rows and K denoise rows whose
 prompt is followed by the first p tokens of a wrong solution (max_tokens R - p), all sent in
-ONE generate call. Default model: SmolLM2-135M-Instruct (models_cache). transformers runs
+ONE generate call. Default model: SmolLM2-135M-Instruct (megatron_denoise.prepare.models). transformers runs
 batched (left-padded, rows grouped by budget; --hf-batch-size 0 = all rows of a budget at once)
 and, with --hf-sequential, one row at a time (how the parity oracle runs). Also prints the engine's
 start-up and weight-refit times.
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from megatron_denoise.config.schema import RolloutConfig
-    from megatron_denoise.models_cache import smollm2_path
+    from megatron_denoise.prepare.models import smollm2_path
     from megatron_denoise.rollout.engine import SamplingSpec
     from megatron_denoise.rollout.hf_engine import HFEngine
     from megatron_denoise.rollout.vllm_engine import VLLMEngine

@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from megatron_denoise.rollout.pool_prep import PrepareSettings
+    from megatron_denoise.prepare.pool import PrepareSettings
 
     d = PrepareSettings()
     ap = argparse.ArgumentParser(prog="megatron_denoise.launch.prepare_data", description=__doc__,
@@ -58,11 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_denoise.rollout.pool_prep import PrepareSettings, prepare_pool, resolve_input
+    from megatron_denoise.prepare.pool import PrepareSettings, prepare_pool, resolve_input
 
     model = args.model
     if model is None:
-        from megatron_denoise.models_cache import smollm2_path
+        from megatron_denoise.prepare.models import smollm2_path
         model = smollm2_path()
     settings = PrepareSettings(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                seed=args.seed, dedup=args.dedup, drop_truncated=args.drop_truncated,

@@ -101,7 +101,7 @@ def prepare_demo_data(cfg: Config) -> None:
         print(f"[megatron-denoise] reusing the wrong-solution pool {target}", flush=True)
         return
     from megatron_denoise.launch import prepare_data
-    from megatron_denoise.rollout.pool_prep import resolve_input
+    from megatron_denoise.prepare.pool import resolve_input
 
     # the named set, rendered with the run's prompt template: weak model and policy see one prompt
     stem = target.name.split(".with_wrong_boxed")[0]

@@ -33,7 +33,7 @@ def resolve_model_path(cfg: Config) -> str:
     path = _path(cfg.model.hf_path)
     if (path / "config.json").is_file():
         return str(path)
-    from megatron_denoise import models_cache
+    from megatron_denoise.prepare import models as models_cache
 
     if path.name.startswith("smollm2-135m-instruct"):
         return models_cache.smollm2_path()

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from megatron_denoise.launch.convert_checkpoint import main
-from megatron_denoise.models_cache import tiny_random_model
+from megatron_denoise.prepare.models import tiny_random_model
 
 SIZES = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=64, intermediate_size=128)
 

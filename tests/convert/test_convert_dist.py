@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from megatron_denoise.models_cache import smollm2_path, tiny_random_model
+from megatron_denoise.prepare.models import smollm2_path, tiny_random_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from megatron_denoise.convert.hf_config import (check_same_model, hf_config_from
 from megatron_denoise.convert.hf_io import HFReader, write_hf_shards
 from megatron_denoise.convert.megatron_io import check_hf_folder, to_transformers_module_state
 from megatron_denoise.convert.tables import NameTable
-from megatron_denoise.models_cache import tiny_random_model
+from megatron_denoise.prepare.models import tiny_random_model
 
 SIZES = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=64, intermediate_size=128)
 

@@ -12,7 +12,7 @@ from megatron_denoise.convert.hf_io import HFReader
 from megatron_denoise.convert.megatron_io import load_hf_into_megatron, megatron_to_hf
 from megatron_denoise.convert.tables import NameTable
 from megatron_denoise.convert.transforms import TRANSFORMS, Dims, fuse_qkv, pad_vocab
-from megatron_denoise.models_cache import tiny_random_model
+from megatron_denoise.prepare.models import tiny_random_model
 
 SIZES = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=64, intermediate_size=128)
 PADDED = 384  # 259 rounded up to a multiple of 128, as megatron_denoise.megatron.model pads it

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_denoise.convert.hf_io import HFReader
-from megatron_denoise.models_cache import smollm2_path
+from megatron_denoise.prepare.models import smollm2_path
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 

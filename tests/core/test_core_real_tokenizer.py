@@ -13,7 +13,7 @@ from megatron_denoise.core.types import Completion, Problem, RowKind
 
 @pytest.fixture(scope="module")
 def tok():
-    from megatron_denoise.models_cache import byte_tokenizer
+    from megatron_denoise.prepare.models import byte_tokenizer
     return byte_tokenizer()
 
 

@@ -20,7 +20,7 @@ def smollm2_tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from megatron_denoise.models_cache import smollm2_gguf_path
+    from megatron_denoise.prepare.models import smollm2_gguf_path
     gguf = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2() -> str:
-    from megatron_denoise.models_cache import smollm2_path
+    from megatron_denoise.prepare.models import smollm2_path
     return smollm2_path()
 
 

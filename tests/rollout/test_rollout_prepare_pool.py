@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_denoise.core.types import Completion
-from megatron_denoise.rollout.pool_prep import PrepareSettings, output_paths, prepare_pool
+from megatron_denoise.prepare.pool import PrepareSettings, output_paths, prepare_pool
 
 # Per row: ground truth and n=5 scripted samples (text, finish_reason).
 SCRIPT = {
@@ -51,7 +51,7 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
     return tiny_random_model("llama", tmp_path_factory.mktemp("tiny") / "m", tokenizer="bytes")
 
 
@@ -180,7 +180,7 @@ def test_changed_problems_do_not_resume_onto_old_samples(tmp_path, tokenizer, ti
 def test_named_set_rendered_with_the_run_prompt(tmp_path):
     from megatron_denoise.config.schema import PromptConfig
     from megatron_denoise.data.sources import named_set
-    from megatron_denoise.rollout.pool_prep import resolve_input
+    from megatron_denoise.prepare.pool import resolve_input
 
     try:
         named_set("gsm8k").locate()

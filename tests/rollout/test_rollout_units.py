@@ -22,7 +22,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(cache):
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
     # Large init so that logits are far from ties (greedy is then stable across batch shapes).
     return tiny_random_model("llama", tokenizer="bytes", initializer_range=0.5, seed=3)
 
@@ -39,7 +39,7 @@ def test_tiny_models_are_deterministic_and_checked(cache, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
 
     a = tiny_random_model("qwen3", tmp_path / "a", tokenizer="bytes", seed=1)
     b = tiny_random_model("qwen3", tmp_path / "b", tokenizer="bytes", seed=1)
@@ -60,7 +60,7 @@ def test_tiny_models_are_deterministic_and_checked(cache, tmp_path):
 
 
 def test_concurrent_cached_builds_share_one_folder(cache):
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
 
     out, errs = [], []
 
@@ -166,7 +166,7 @@ def test_request_and_sampling_checks():
 def test_rollout_package_imports_no_engine():
     code = ("import sys, megatron_denoise.rollout, megatron_denoise.rollout.refit, "
             "megatron_denoise.rollout.vllm_engine, megatron_denoise.rollout.hf_engine, "
-            "megatron_denoise.rollout.pool_prep, megatron_denoise.models_cache\n"
+            "megatron_denoise.prepare.pool, megatron_denoise.prepare.models\n"
             "bad = [m for m in ('vllm', 'torch', 'transformers', 'ray', 'megatron') if m in sys.modules]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@ def test_prepare_convert_evaluate_chain(slurm_cluster, job_env):
 
     from megatron_denoise.data.io import write_table
     from megatron_denoise.data.sources import load_named_set
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
 
     work = Path(slurm_cluster.run) / "pipeline"
     work.mkdir(parents=True)

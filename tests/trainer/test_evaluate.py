@@ -92,7 +92,7 @@ def pool():
 
 def test_evaluate_end_to_end_with_canned_engine(pool, tmp_path):
     from megatron_denoise.core.prefix import render_prompt_ids
-    from megatron_denoise.models_cache import byte_tokenizer
+    from megatron_denoise.prepare.models import byte_tokenizer
 
     tok = byte_tokenizer()
     R, max_model_len = 64, 400
@@ -175,7 +175,7 @@ def test_evaluate_end_to_end_with_canned_engine(pool, tmp_path):
 
 
 def test_evaluate_rejects_empty_set(pool):
-    from megatron_denoise.models_cache import byte_tokenizer
+    from megatron_denoise.prepare.models import byte_tokenizer
 
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="'aime25' has no problems"):
@@ -189,7 +189,7 @@ def test_evaluate_rejects_empty_set(pool):
 def test_evaluate_command_on_tiny_model(tmp_path, capsys):
     from megatron_denoise.data import load_eval_set
     from megatron_denoise.launch.evaluate import main
-    from megatron_denoise.models_cache import tiny_random_model
+    from megatron_denoise.prepare.models import tiny_random_model
 
     model = tiny_random_model("llama", tokenizer="bytes")
     out = tmp_path / "eval"
