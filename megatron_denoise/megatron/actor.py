@@ -322,12 +322,21 @@ class MegatronActor:
         if not (self.cfg.algorithm.kl.coef and batch.ref_logprobs is not None):
             metrics.pop("kl")
 
-        # NaN/Inf guard: a non-finite loss or gradient norm skips the update
+        grad_norm, lr, skipped = self._apply_update(metrics["loss"])
+        metrics.update(grad_norm=grad_norm, lr=lr,
+                       skipped=1.0 if skipped else 0.0, num_micro_batches=float(len(mbs)),
+                       loss_tokens=n_tok, step_time_s=time.perf_counter() - t0)
+        return metrics
+
+    def _apply_update(self, loss: float) -> tuple[float, float, bool]:
+        """After the backward passes: the NaN/Inf guard (a non-finite loss or gradient norm on any
+        rank skips the update), then the optimizer and LR-scheduler step. Returns (grad_norm, the
+        lr this step used, skipped)."""
         self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
-        finite = torch.tensor([1.0 if (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])) else 0.0])
+        finite = torch.tensor([1.0 if (math.isfinite(grad_norm) and math.isfinite(loss)) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        skipped = self.cfg.trainer.nan_guard and finite.item() < 1.0
+        skipped = bool(self.cfg.trainer.nan_guard and finite.item() < 1.0)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         if skipped:
             self.optimizer.zero_grad()
@@ -335,15 +344,12 @@ class MegatronActor:
                 m.zero_grad_buffer()
             self.skipped_steps += 1
         else:
-            ok, grad_norm_step, _ = self.optimizer.step()
+            ok, _, _ = self.optimizer.step()
             if not ok:
                 raise RuntimeError("megatron optimizer reported an unsuccessful step")
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics.update(grad_norm=grad_norm, lr=lr,
-                       skipped=1.0 if skipped else 0.0, num_micro_batches=float(len(mbs)),
-                       loss_tokens=n_tok, step_time_s=time.perf_counter() - t0)
-        return metrics
+        return grad_norm, lr, skipped
 
     def update(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> list[dict]:
         """algorithm.ppo_epochs x algorithm.mini_batches updates on `batch` (rows split into
