@@ -61,8 +61,8 @@ def child(args: argparse.Namespace) -> dict:
     def step(hidden, targets, mask, adv, seq_ids):
         with torch.no_grad():  # old log-probs near the current ones so the clip binds sometimes
             old = torch.randn(hidden.shape[0], generator=g) * 0.1 - 12.0
-        kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, entropy=True, agg="token-mean",
-                  global_tokens=float(mask.sum()), seq_ids=seq_ids)
+        kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, return_entropy=True, loss_agg="token-mean",
+                  global_num_tokens=float(mask.sum()), seq_ids=seq_ids)
         if args.impl == "naive":
             out = reference_policy_loss(hidden, weight, 0, targets, old, adv, mask, **kw)
         else:

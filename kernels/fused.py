@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_denoise.config.schema import KLEstimator, LossAgg, PolicyLoss
 from megatron_denoise.core.losses import local_loss_counts, policy_loss
 
 from .chunked import chunked_fused, chunked_stats
@@ -64,23 +65,27 @@ def fused_policy_loss(
     targets: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
     advantages: torch.Tensor,
-    mask: torch.Tensor,
+    loss_mask: torch.Tensor,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
     force_on_policy: bool = False,
-    entropy: bool = False,
-    agg: str = "token-mean",
-    global_tokens: Optional[float] = None,
-    global_seqs: Optional[float] = None,
+    policy_loss_type: PolicyLoss = PolicyLoss.PPO,
+    cispo_clip_high: float = 0.28,
+    return_entropy: bool = False,
+    loss_agg: LossAgg = LossAgg.TOKEN_MEAN,
+    global_num_tokens: Optional[float] = None,
+    global_num_seqs: Optional[float] = None,
+    loss_norm_tokens: Optional[float] = None,
     seq_ids: Optional[torch.Tensor] = None,
     seq_num_tokens: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     entropy_coef: float = 0.0,
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
-    kl_type: str = "k3",
+    kl_type: KLEstimator = KLEstimator.K3,
     tp_group: Optional[Any] = None,
     impl: str = "auto",
     grad_mode: str = "auto",
@@ -90,10 +95,11 @@ def fused_policy_loss(
     """Clipped policy loss of T packed tokens from hidden [T, H] and the local vocab shard.
 
     weight_shard [V_local, H] holds global vocab rows [vocab_start, vocab_start + V_local); rows at
-    global id >= vocab_size are padding (excluded). targets, old_logprobs, advantages, mask,
-    seq_ids, ref_logprobs: [T]. Loss semantics: `megatron_denoise.core.losses.policy_loss` (agg is its
-    loss_agg, global_tokens / global_seqs its global_num_tokens / global_num_seqs; when None they
-    default to the counts of THIS call, right only for an unsplit batch).
+    global id >= vocab_size are padding (excluded). targets, old_logprobs, advantages, loss_mask,
+    seq_ids, is_weights, ref_logprobs: [T]. Loss semantics and keyword names:
+    `megatron_denoise.core.losses.policy_loss` (global_num_tokens / global_num_seqs default to the
+    counts of THIS call, right only for an unsplit batch). return_entropy: also return the
+    per-token entropy. GSPO needs whole sequences, so it always takes the recompute path.
     tp_group: the vocab-parallel group (None: weight_shard is the whole vocabulary); the forward
     runs two all-reduces of [T]-sized vectors (recompute) or one scalar MIN plus two per token
     chunk (in_forward), and one all-reduce of grad_hidden [T, H] unless reduce_grad_hidden=False
@@ -104,27 +110,32 @@ def fused_policy_loss(
     entropy are detached in every mode (use `vocab_parallel_logprobs` for differentiable ones).
     """
     name = resolve_impl(impl, hidden.device)
-    common = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, force_on_policy=force_on_policy,
-                  entropy=entropy, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
-                  seq_ids=seq_ids, seq_num_tokens=seq_num_tokens, vocab_size=vocab_size,
-                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_type=kl_type)
+    mask = loss_mask
+    core_kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, force_on_policy=force_on_policy,
+                   policy_loss_type=policy_loss_type, cispo_clip_high=cispo_clip_high, loss_agg=loss_agg,
+                   loss_norm_tokens=loss_norm_tokens, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_type=kl_type)
     if name == "reference":
         return reference_policy_loss(hidden, weight_shard, vocab_start, targets, old_logprobs, advantages,
-                                     mask, tp_group=tp_group, **common)
+                                     mask, tp_group=tp_group, return_entropy=return_entropy,
+                                     global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                                     seq_ids=seq_ids, seq_num_tokens=seq_num_tokens, is_weights=is_weights,
+                                     vocab_size=vocab_size, ref_logprobs=ref_logprobs, **core_kw)
     validate_inputs(hidden, weight_shard, vocab_start, targets, vocab_size)
     T = hidden.shape[0]
-    seq_ids = core_seq_ids(seq_ids, agg, T, targets.device)
-    for key, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                   ("seq_ids", seq_ids), ("ref_logprobs", ref_logprobs)):
+    seq_ids = core_seq_ids(seq_ids, loss_agg, T, targets.device)
+    for key, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("loss_mask", mask),
+                   ("seq_ids", seq_ids), ("is_weights", is_weights), ("ref_logprobs", ref_logprobs)):
         if x is not None and x.shape != (T,):
             raise ValueError(f"{key} must be [T={T}] (packed tokens), got shape {tuple(x.shape)}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode {grad_mode!r} is not one of {', '.join(GRAD_MODES)}")
     if grad_mode == "auto":
         grad_mode = "recompute" if name == "triton" else "in_forward"
+    if policy_loss_type == PolicyLoss.GSPO:
+        grad_mode = "recompute"  # the sequence ratio needs every token's log-prob before any loss
     if grad_mode == "in_forward" and name == "triton":
         raise ValueError("grad_mode='in_forward' exists only for the chunked implementations")
-    need_entropy = entropy or entropy_coef != 0.0
+    need_entropy = return_entropy or entropy_coef != 0.0
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad)
 
     if grad_mode == "recompute" or not needs_grad:
@@ -132,22 +143,21 @@ def fused_policy_loss(
                                             entropy=need_entropy, tp_group=tp_group, impl=name,
                                             reduce_grad_hidden=reduce_grad_hidden, chunk_tokens=chunk_tokens)
         loss, metrics = policy_loss(
-            logp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            force_on_policy=force_on_policy, loss_agg=agg, global_num_tokens=global_tokens,
-            global_num_seqs=global_seqs, seq_ids=seq_ids, seq_num_tokens=seq_num_tokens, entropy=ent,
-            entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_type=kl_type)
+            logp, old_logprobs, advantages, mask, global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs, seq_ids=seq_ids, seq_num_tokens=seq_num_tokens,
+            is_weights=is_weights, entropy=ent, ref_logprobs=ref_logprobs, **core_kw)
         return PolicyLossOutput(loss=loss, logprobs=logp.detach(),
-                                entropy=ent.detach() if (entropy and ent is not None) else None,
+                                entropy=ent.detach() if (return_entropy and ent is not None) else None,
                                 clip_fraction=metrics["clip_fraction"], metrics=metrics)
 
     # ---- gradient in forward (chunked) ----
     # Fix every denominator over the WHOLE call first: then the core's loss of a chunk of tokens is
     # exactly that chunk's share of the total (the property the core's micro-batch test proves).
-    if (global_tokens is None or global_seqs is None) and seq_ids is not None:
+    if (global_num_tokens is None or global_num_seqs is None) and seq_ids is not None:
         loc_tok, loc_seq = local_loss_counts(mask, seq_ids)
-        global_tokens = loc_tok if global_tokens is None else global_tokens
-        global_seqs = loc_seq if global_seqs is None else global_seqs
-    if agg == "seq-mean-token-mean" and seq_num_tokens is None:
+        global_num_tokens = loc_tok if global_num_tokens is None else global_num_tokens
+        global_num_seqs = loc_seq if global_num_seqs is None else global_num_seqs
+    if loss_agg == LossAgg.SEQ_MEAN_TOKEN_MEAN and seq_num_tokens is None:
         if seq_ids is None:
             raise ValueError("packed (1-D) inputs with loss_agg='seq-mean-token-mean' need seq_ids")
         seq_num_tokens = _per_seq_counts(mask, seq_ids)
@@ -160,15 +170,14 @@ def fused_policy_loss(
             lp = tok.logprobs.detach().requires_grad_(True)
             en = tok.entropy.detach().requires_grad_(True) if need_entropy else None
             ids = seq_ids[sl] if seq_ids is not None else None
-            counts = None
-            if agg == "seq-mean-token-mean":
-                counts = seq_num_tokens[: int(ids.max()) + 1]
+            # every chunk sees the whole micro-batch's sequence counts (a chunk may hold no token
+            # of some sequences): its loss is exactly its share of the total
+            counts = seq_num_tokens if loss_agg == LossAgg.SEQ_MEAN_TOKEN_MEAN else None
             loss_c, met_c = policy_loss(
                 lp, None if old_logprobs is None else old_logprobs[sl], advantages[sl], mask[sl],
-                clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, force_on_policy=force_on_policy,
-                loss_agg=agg, global_num_tokens=global_tokens, global_num_seqs=global_seqs, seq_ids=ids,
-                seq_num_tokens=counts, entropy=en, entropy_coef=entropy_coef,
-                ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl], kl_coef=kl_coef, kl_type=kl_type)
+                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=ids,
+                seq_num_tokens=counts, is_weights=None if is_weights is None else is_weights[sl], entropy=en,
+                ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl], **core_kw)
             inputs = [lp] + ([en] if en is not None else [])
             grads = torch.autograd.grad(loss_c, inputs, allow_unused=True)
         loss_total = loss_total + loss_c.detach().float()
@@ -200,7 +209,7 @@ def fused_policy_loss(
     if reduce_grad_hidden:
         grad_h = all_reduce_grad_hidden(grad_h, tp_group)
     loss = _PrecomputedGrad.apply(loss_total, hidden, weight_shard, grad_h, grad_w)
-    return PolicyLossOutput(loss=loss, logprobs=tok.logprobs, entropy=tok.entropy if entropy else None,
+    return PolicyLossOutput(loss=loss, logprobs=tok.logprobs, entropy=tok.entropy if return_entropy else None,
                             clip_fraction=metrics["clip_fraction"], metrics=metrics)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_denoise.config.schema import KLEstimator, LossAgg, PolicyLoss
 from megatron_denoise.core.losses import policy_loss
 
 
@@ -37,11 +38,11 @@ class PolicyLossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def core_seq_ids(seq_ids: Optional[torch.Tensor], agg: str, num_tokens: int, device) -> Optional[torch.Tensor]:
+def core_seq_ids(seq_ids: Optional[torch.Tensor], loss_agg: str, num_tokens: int, device) -> Optional[torch.Tensor]:
     """seq_ids to hand to the core loss. For token-mean the sequence structure does not matter, but
     the core's packed-layout count helper still asks for ids: one sequence is the neutral choice.
     (Seq modes without seq_ids are left to the core, which rejects them with a clear error.)"""
-    if seq_ids is None and agg == "token-mean":
+    if seq_ids is None and loss_agg == LossAgg.TOKEN_MEAN:
         return torch.zeros(num_tokens, dtype=torch.long, device=device)
     return seq_ids
 
@@ -64,23 +65,27 @@ def reference_policy_loss(
     targets: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
     advantages: torch.Tensor,
-    mask: torch.Tensor,
+    loss_mask: torch.Tensor,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
     force_on_policy: bool = False,
-    entropy: bool = False,
-    agg: str = "token-mean",
-    global_tokens: Optional[float] = None,
-    global_seqs: Optional[float] = None,
+    policy_loss_type: PolicyLoss = PolicyLoss.PPO,
+    cispo_clip_high: float = 0.28,
+    return_entropy: bool = False,
+    loss_agg: LossAgg = LossAgg.TOKEN_MEAN,
+    global_num_tokens: Optional[float] = None,
+    global_num_seqs: Optional[float] = None,
+    loss_norm_tokens: Optional[float] = None,
     seq_ids: Optional[torch.Tensor] = None,
     seq_num_tokens: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     entropy_coef: float = 0.0,
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
-    kl_type: str = "k3",
+    kl_type: KLEstimator = KLEstimator.K3,
     tp_group: Optional[Any] = None,
     impl: str = "reference",
 ) -> PolicyLossOutput:
@@ -93,13 +98,15 @@ def reference_policy_loss(
         if dist.get_world_size(tp_group) > 1:
             raise ValueError("the reference takes the full weight (tp_group of size 1 or None); "
                              "compare a TP>1 kernel run against a TP=1 reference")
-    need_entropy = entropy or entropy_coef != 0.0
+    need_entropy = return_entropy or entropy_coef != 0.0
     logprobs, ent = full_logprobs_and_entropy(hidden, weight_shard, targets, vocab_size)
     loss, metrics = policy_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, force_on_policy=force_on_policy, loss_agg=agg,
-        global_num_tokens=global_tokens, global_num_seqs=global_seqs,
-        seq_ids=core_seq_ids(seq_ids, agg, targets.shape[0], targets.device), seq_num_tokens=seq_num_tokens, entropy=ent if need_entropy else None, entropy_coef=entropy_coef,
+        logprobs, old_logprobs, advantages, loss_mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, force_on_policy=force_on_policy, policy_loss_type=policy_loss_type,
+        cispo_clip_high=cispo_clip_high, loss_agg=loss_agg,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, loss_norm_tokens=loss_norm_tokens,
+        seq_ids=core_seq_ids(seq_ids, loss_agg, targets.shape[0], targets.device), seq_num_tokens=seq_num_tokens,
+        is_weights=is_weights, entropy=ent if need_entropy else None, entropy_coef=entropy_coef,
         ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_type=kl_type)
-    return PolicyLossOutput(loss=loss, logprobs=logprobs.detach(), entropy=ent.detach() if entropy else None,
+    return PolicyLossOutput(loss=loss, logprobs=logprobs.detach(), entropy=ent.detach() if return_entropy else None,
                             clip_fraction=metrics["clip_fraction"], metrics=metrics)

@@ -55,6 +55,11 @@ def dry_run(cfg: Config, world_size: int) -> str:
              f"algorithm: {cfg.algorithm.name} loss_agg={cfg.algorithm.loss_agg} force_on_policy={cfg.algorithm.force_on_policy}"
              f" | denoise N={cfg.denoise.n_main} K={cfg.denoise.k_denoise} mode={cfg.denoise.partial_mode}"
              f" rho={cfg.denoise.rho.strategy} pool={cfg.denoise.pool_sampling}",
+             f"loss_impl: {cfg.algorithm.loss_impl}",
+             f"policy_loss: {cfg.algorithm.policy_loss} kl: coef={cfg.algorithm.kl.coef} type={cfg.algorithm.kl.type}"
+             f" use={cfg.algorithm.kl.use} | mismatch: metrics={cfg.algorithm.mismatch.metrics}"
+             f" tis_cap={cfg.algorithm.mismatch.tis_cap}"
+             f" seq_mask=[{cfg.algorithm.mismatch.seq_mask_low}, {cfg.algorithm.mismatch.seq_mask_high}]",
              "rollout plan:"]
     lines += [f"  {k}: {v}" for k, v in plan.items()]
     return "\n".join(lines)

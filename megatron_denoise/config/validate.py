@@ -7,19 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_denoise.config.schema import Config
+from megatron_denoise.config.schema import Config, Family, OptimizerName, PolicyLoss, RhoConfig, RhoStrategy, SFTConfig
 from megatron_denoise.layout import ParallelLayout, check_layout
-
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
-DTYPES = ("float32", "bfloat16", "float16")
-LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")  # megatron distributed-optimizer sharding types
-
-
-def _choice(errors: list[str], key: str, value, allowed) -> None:
-    if value not in allowed:
-        errors.append(f"{key} ({value!r}) must be one of {', '.join(map(str, allowed))}")
-
 
 def _unit(errors: list[str], key: str, value: float) -> None:
     """In (0, 1], the range of a prefix ratio."""
@@ -27,23 +16,65 @@ def _unit(errors: list[str], key: str, value: float) -> None:
         errors.append(f"{key} ({value}) must be in (0, 1]")
 
 
-def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+def rho_errors(rho: RhoConfig) -> list[str]:
+    """The prefix-ratio sampler's settings (also used by core.prefix.validate_rho_config)."""
     e: list[str] = []
-    m, d, dn, a, r = cfg.model, cfg.data, cfg.denoise, cfg.algorithm, cfg.rollout
+    if rho.strategy == RhoStrategy.FIXED:
+        _unit(e, "denoise.rho.value", rho.value)
+    else:
+        _unit(e, "denoise.rho.low", rho.low)
+        _unit(e, "denoise.rho.high", rho.high)
+        if rho.low > rho.high:
+            e.append(f"denoise.rho.low ({rho.low}) must be <= denoise.rho.high ({rho.high})")
+    if rho.strategy == RhoStrategy.NORMAL and not rho.std > 0:
+        e.append(f"denoise.rho.std ({rho.std}) must be > 0 for the {rho.strategy} strategy")
+    return e
 
-    # model
-    _choice(e, "model.family", m.family, FAMILIES)
-    _choice(e, "model.params_dtype", m.params_dtype, DTYPES)
+
+def validator_for(root: type):
+    """The validator of a configuration root class: (cfg, world_size) -> list of problems."""
+    validators = {Config: validate_config, SFTConfig: validate_sft_config}
+    if root not in validators:
+        raise TypeError(f"no validator for configuration class {root.__name__}")
+    return validators[root]
+
+
+def check_model(e: list[str], m) -> None:
+    """The model section (every configuration root has one)."""
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
         if getattr(m, key) < 1:
             e.append(f"model.{key} ({getattr(m, key)}) must be >= 1")
-    if m.family == "qwen3_moe" and m.moe.num_experts < 1:
-        e.append(f"model.moe.num_experts ({m.moe.num_experts}) must be >= 1 for model.family qwen3_moe")
-    if m.family != "qwen3_moe" and m.moe.num_experts > 0:
+    if m.family == Family.QWEN3_MOE and m.moe.num_experts < 1:
+        e.append(f"model.moe.num_experts ({m.moe.num_experts}) must be >= 1 for model.family {m.family}")
+    if m.family != Family.QWEN3_MOE and m.moe.num_experts > 0:
         e.append(f"model.moe.num_experts ({m.moe.num_experts}) > 0 needs model.family qwen3_moe (got {m.family})")
-    _choice(e, "model.moe.token_dispatcher_type", m.moe.token_dispatcher_type, ("allgather", "alltoall"))
-    if m.rope_scaling.type is not None:
-        _choice(e, "model.rope_scaling.type", m.rope_scaling.type, ("linear", "dynamic", "yarn", "llama3"))
+
+
+def check_optimizer(e: list[str], cfg) -> None:
+    """optimizer.* (with the parallel section it depends on)."""
+    o = cfg.optimizer
+    if o.name == OptimizerName.SGD and cfg.parallel.use_distributed_optimizer:
+        e.append(f"optimizer.name={o.name} needs parallel.use_distributed_optimizer=false (megatron's distributed "
+                 "optimizer supports Adam only)")
+    if o.lr <= 0:
+        e.append(f"optimizer.lr ({o.lr}) must be > 0")
+    if o.clip_grad < 0:
+        e.append(f"optimizer.clip_grad ({o.clip_grad}) must be >= 0")
+
+
+def check_checkpoint_and_cluster(e: list[str], cfg) -> None:
+    """checkpoint.* and cluster.* (every configuration root has them)."""
+    if cfg.checkpoint.save_interval < 0:
+        e.append(f"checkpoint.save_interval ({cfg.checkpoint.save_interval}) must be >= 0 (0: only at exit)")
+    if cfg.cluster.num_nodes < 1 or cfg.cluster.gpus_per_node < 1:
+        e.append(f"cluster.num_nodes ({cfg.cluster.num_nodes}) and cluster.gpus_per_node "
+                 f"({cfg.cluster.gpus_per_node}) must be >= 1")
+
+
+def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+    e: list[str] = []
+    m, d, dn, a, r = cfg.model, cfg.data, cfg.denoise, cfg.algorithm, cfg.rollout
+    check_model(e, m)
 
     # data and lengths
     P, R = d.max_prompt_length, d.max_response_length
@@ -56,7 +87,6 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                  f"model.max_position_embeddings ({m.max_position_embeddings})")
     if d.problems_per_step < 1:
         e.append(f"data.problems_per_step ({d.problems_per_step}) must be >= 1")
-    _choice(e, "data.bad_rows", d.bad_rows, ("skip", "error"))
 
     # denoise
     if dn.n_main < 0:
@@ -65,24 +95,9 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         e.append(f"denoise.k_denoise ({dn.k_denoise}) must be >= 0")
     if dn.n_main >= 0 and dn.k_denoise >= 0 and dn.n_main + dn.k_denoise < 1:
         e.append("denoise.n_main + denoise.k_denoise must be >= 1 (rows per problem)")
-    _choice(e, "denoise.pool_sampling", dn.pool_sampling, ("first", "random"))
-    _choice(e, "denoise.partial_mode", dn.partial_mode, ("cutdown", "shift", "none"))
-    rho = dn.rho
-    _choice(e, "denoise.rho.strategy", rho.strategy, ("fixed", "uniform", "normal"))
-    if rho.strategy == "fixed":
-        _unit(e, "denoise.rho.value", rho.value)
-    else:
-        _unit(e, "denoise.rho.low", rho.low)
-        _unit(e, "denoise.rho.high", rho.high)
-        if rho.low > rho.high:
-            e.append(f"denoise.rho.low ({rho.low}) must be <= denoise.rho.high ({rho.high})")
-    if rho.strategy == "normal" and rho.std <= 0:
-        e.append(f"denoise.rho.std ({rho.std}) must be > 0 for the normal strategy")
+    e.extend(rho_errors(dn.rho))
 
     # algorithm
-    _choice(e, "algorithm.name", a.name, ("grpo", "dapo", "dr_grpo"))
-    _choice(e, "algorithm.std", a.std, ("unbiased", "population"))
-    _choice(e, "algorithm.loss_agg", a.loss_agg, LOSS_AGGS)
     if not (0.0 <= a.clip_low < 1.0):
         e.append(f"algorithm.clip_low ({a.clip_low}) must be in [0, 1)")
     if a.clip_high < 0:
@@ -93,16 +108,31 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         e.append(f"algorithm.ppo_epochs ({a.ppo_epochs}) must be >= 1")
     if a.mini_batches < 1:
         e.append(f"algorithm.mini_batches ({a.mini_batches}) must be >= 1")
-    _choice(e, "algorithm.kl.type", a.kl.type, ("k1", "k3"))
     if a.kl.coef < 0:
         e.append(f"algorithm.kl.coef ({a.kl.coef}) must be >= 0")
+    if a.loss_norm_tokens is not None and a.loss_norm_tokens < 1:
+        e.append(f"algorithm.loss_norm_tokens ({a.loss_norm_tokens}) must be >= 1 (or null)")
+    if not (0.0 <= a.cispo_clip_high):
+        e.append(f"algorithm.cispo_clip_high ({a.cispo_clip_high}) must be >= 0")
+    if a.policy_loss == PolicyLoss.GSPO and cfg.parallel.context_parallel_size > 1:
+        e.append(f"algorithm.policy_loss={a.policy_loss} needs whole sequences on a rank: "
+                 f"parallel.context_parallel_size ({cfg.parallel.context_parallel_size}) must be 1")
+    mm = a.mismatch
+    if mm.threshold <= 1.0:
+        e.append(f"algorithm.mismatch.threshold ({mm.threshold}) must be > 1")
+    if mm.tis_cap is not None and mm.tis_cap <= 0:
+        e.append(f"algorithm.mismatch.tis_cap ({mm.tis_cap}) must be > 0 (or null)")
+    lo, hi = mm.seq_mask_low, mm.seq_mask_high
+    if lo is not None and lo <= 0:
+        e.append(f"algorithm.mismatch.seq_mask_low ({lo}) must be > 0 (or null)")
+    if lo is not None and hi is not None and lo >= hi:
+        e.append(f"algorithm.mismatch.seq_mask_low ({lo}) must be < algorithm.mismatch.seq_mask_high ({hi})")
     if a.dynamic_sampling.max_gen_batches < 1:
         e.append(f"algorithm.dynamic_sampling.max_gen_batches ({a.dynamic_sampling.max_gen_batches}) must be >= 1")
     if a.overlong.enabled and not (0 < a.overlong.buffer < R):
         e.append(f"algorithm.overlong.buffer ({a.overlong.buffer}) must be in (0, data.max_response_length={R})")
 
     # rollout
-    _choice(e, "rollout.engine", r.engine, ("vllm", "hf"))
     if not (0.0 < r.gpu_memory_utilization <= 1.0):
         e.append(f"rollout.gpu_memory_utilization ({r.gpu_memory_utilization}) must be in (0, 1]")
     if r.temperature < 0:
@@ -117,26 +147,13 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         e.append(f"reward.deadline_s ({cfg.reward.deadline_s}) must be > 0")
 
     # optimizer, trainer, checkpointing, cluster
-    o = cfg.optimizer
-    _choice(e, "optimizer.name", o.name, ("adam", "sgd"))
-    _choice(e, "optimizer.scheduler", o.scheduler, ("constant", "cosine", "linear"))
-    if o.lr <= 0:
-        e.append(f"optimizer.lr ({o.lr}) must be > 0")
-    if o.clip_grad < 0:
-        e.append(f"optimizer.clip_grad ({o.clip_grad}) must be >= 0")
+    check_optimizer(e, cfg)
     if cfg.trainer.total_steps < 0:
         e.append(f"trainer.total_steps ({cfg.trainer.total_steps}) must be >= 0")
     if cfg.trainer.micro_batch_tokens < P + R:
         e.append(f"trainer.micro_batch_tokens ({cfg.trainer.micro_batch_tokens}) must hold one full row "
                  f"(data.max_prompt_length + data.max_response_length = {P + R})")
-    if cfg.checkpoint.save_interval < 0:
-        e.append(f"checkpoint.save_interval ({cfg.checkpoint.save_interval}) must be >= 0 (0: only at exit)")
-    _choice(e, "checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
-    _choice(e, "cluster.backend", cfg.cluster.backend, ("auto", "nccl", "gloo"))
-    _choice(e, "cluster.device", cfg.cluster.device, ("auto", "cuda", "cpu"))
-    if cfg.cluster.num_nodes < 1 or cfg.cluster.gpus_per_node < 1:
-        e.append(f"cluster.num_nodes ({cfg.cluster.num_nodes}) and cluster.gpus_per_node "
-                 f"({cfg.cluster.gpus_per_node}) must be >= 1")
+    check_checkpoint_and_cluster(e, cfg)
 
     # parallel layout against the world size, the model and the sequence length
     ws = world_size if world_size is not None else cfg.cluster.world_size
@@ -148,4 +165,53 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         if rows >= 1 and a.mini_batches >= 1 and rows % (a.mini_batches * lay.dp):
             e.append(f"rows per step (data.problems_per_step x (denoise.n_main + denoise.k_denoise) = {rows}) "
                      f"must be divisible by algorithm.mini_batches x dp ({a.mini_batches} x {lay.dp})")
+    return e
+
+
+def validate_sft_config(cfg: SFTConfig, world_size: Optional[int] = None) -> list[str]:
+    """The warm-start stage: the shared model/optimizer/checkpoint/cluster checks and the parallel
+    layout (against sft.max_seq_length), then the sft section."""
+    e: list[str] = []
+    m, s = cfg.model, cfg.sft
+    check_model(e, m)
+    check_optimizer(e, cfg)
+    check_checkpoint_and_cluster(e, cfg)
+    if not m.hf_path:
+        e.append("model.hf_path is not set: the warm-start starts from a Hugging Face model folder")
+    if not s.train_files:
+        e.append("sft.train_files is empty")
+    if not s.solution_field.strip() or s.solution_field.count(".") > 1:
+        e.append(f"sft.solution_field ({s.solution_field!r}) must be a column or column.key")
+    if s.max_seq_length < 2:
+        e.append(f"sft.max_seq_length ({s.max_seq_length}) must be >= 2")
+    elif s.max_seq_length > m.max_position_embeddings:
+        e.append(f"sft.max_seq_length ({s.max_seq_length}) exceeds model.max_position_embeddings "
+                 f"({m.max_position_embeddings})")
+    if s.micro_batch_tokens < s.max_seq_length:
+        e.append(f"sft.micro_batch_tokens ({s.micro_batch_tokens}) must hold one full row "
+                 f"(sft.max_seq_length = {s.max_seq_length})")
+    if s.rows_per_step < 1:
+        e.append(f"sft.rows_per_step ({s.rows_per_step}) must be >= 1")
+    if (s.total_steps is None) == (s.epochs is None):
+        e.append(f"set exactly one of sft.total_steps ({s.total_steps}) and sft.epochs ({s.epochs})")
+    if s.total_steps is not None and s.total_steps < 1:
+        e.append(f"sft.total_steps ({s.total_steps}) must be >= 1")
+    if s.epochs is not None and s.epochs <= 0:
+        e.append(f"sft.epochs ({s.epochs}) must be > 0")
+    if s.val_freq < 0:
+        e.append(f"sft.val_freq ({s.val_freq}) must be >= 0")
+    bad_steps = [x for x in s.export_hf_steps if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if bad_steps:
+        e.append(f"sft.export_hf_steps must be positive step numbers, got {bad_steps}")
+    elif s.total_steps is not None and any(x > s.total_steps for x in s.export_hf_steps):
+        late = sorted(x for x in s.export_hf_steps if x > s.total_steps)
+        e.append(f"sft.export_hf_steps {late} come after the last step (sft.total_steps = {s.total_steps})")
+
+    ws = world_size if world_size is not None else cfg.cluster.world_size
+    layout_errors = check_layout(cfg.parallel, ws, m, s.max_seq_length)
+    e.extend(layout_errors)
+    if not layout_errors and ws >= 1 and s.rows_per_step >= 1:
+        dp = ParallelLayout.from_config(cfg.parallel, ws).dp
+        if s.rows_per_step < dp:
+            e.append(f"sft.rows_per_step ({s.rows_per_step}) must be >= dp ({dp}): every data-parallel rank needs a row")
     return e

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Hashable, Sequence
 
-from megatron_denoise.config.schema import AlgorithmConfig, OverlongConfig
+from megatron_denoise.config.schema import AlgorithmConfig, AlgorithmName, OverlongConfig, StdMode
 from megatron_denoise.core.types import Rollout, RowKind
 
 if TYPE_CHECKING:
@@ -35,8 +35,7 @@ __all__ = [
     "DynamicSamplingExhausted",
 ]
 
-ALGORITHMS = ("grpo", "dapo", "dr_grpo")
-STD_MODES = ("unbiased", "population")
+ALGORITHMS = AlgorithmName.values()  # the schema's type; the loader rejects anything else
 
 
 def group_keys(groups: Sequence[Sequence[Rollout]], shared_baseline: bool) -> list[tuple[int, int]]:
@@ -51,7 +50,7 @@ def group_keys(groups: Sequence[Sequence[Rollout]], shared_baseline: bool) -> li
 
 
 def group_advantages(rewards: "torch.Tensor", keys: Sequence[Hashable], *, scale_by_std: bool = True,
-                     std: str = "unbiased", eps: float = 1e-6) -> "torch.Tensor":
+                     std: StdMode = StdMode.UNBIASED, eps: float = 1e-6) -> "torch.Tensor":
     """Per-row advantages [rows] (float32) from rewards [rows] and a group key per row.
 
     scale_by_std=True: GRPO (divide by std + eps); False: Dr. GRPO (mean-centred only).
@@ -59,8 +58,6 @@ def group_advantages(rewards: "torch.Tensor", keys: Sequence[Hashable], *, scale
     """
     import torch
 
-    if std not in STD_MODES:
-        raise ValueError(f"algorithm.std ({std!r}) must be one of {'|'.join(STD_MODES)}")
     r = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
     if r.numel() != len(keys):
         raise ValueError(f"{r.numel()} rewards for {len(keys)} group keys")
@@ -75,7 +72,7 @@ def group_advantages(rewards: "torch.Tensor", keys: Sequence[Hashable], *, scale
         x = r[ix]
         centred = x - x.mean()
         if scale_by_std:
-            s = x.std(unbiased=(std == "unbiased"))
+            s = x.std(unbiased=(std == StdMode.UNBIASED))
             centred = centred / (s + eps)
         out[ix] = centred
     return out.to(torch.float32)
@@ -88,11 +85,9 @@ def compute_advantages(groups: Sequence[Sequence[Rollout]], algorithm: Algorithm
     algorithm.name: grpo and dapo scale by the group std (algorithm.std, algorithm.eps);
     dr_grpo only subtracts the group mean.
     """
-    if algorithm.name not in ALGORITHMS:
-        raise ValueError(f"algorithm.name ({algorithm.name!r}) must be one of {'|'.join(ALGORITHMS)}")
     rewards = [row.reward for rows in groups for row in rows]
     return group_advantages(rewards, group_keys(groups, shared_baseline),
-                            scale_by_std=algorithm.name != "dr_grpo", std=algorithm.std, eps=algorithm.eps)
+                            scale_by_std=algorithm.name != AlgorithmName.DR_GRPO, std=algorithm.std, eps=algorithm.eps)
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, penalty_factor: float) -> float:

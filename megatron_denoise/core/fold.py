@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from megatron_denoise.core.types import PARTIAL_MODES, Completion, Rollout, RolloutRequest
+from megatron_denoise.config.schema import PartialMode
+from megatron_denoise.core.types import Completion, Rollout, RolloutRequest
 
 if TYPE_CHECKING:  # torch is imported lazily by `pack` so that reward workers need not load it
     import torch
@@ -45,11 +46,9 @@ def response_loss_mask(prefix_length: int, continuation_length: int, partial_mod
 
     Prefix tokens are off-policy (a weak model wrote them); only `shift` trains on them.
     """
-    if partial_mode not in PARTIAL_MODES:
-        raise ValueError(f"denoise.partial_mode ({partial_mode!r}) must be one of {'|'.join(PARTIAL_MODES)}")
     if prefix_length < 0 or continuation_length < 0:
         raise ValueError(f"lengths must be >= 0 (prefix {prefix_length}, continuation {continuation_length})")
-    on_prefix = 1 if partial_mode == "shift" else 0
+    on_prefix = 1 if partial_mode == PartialMode.SHIFT else 0
     return (on_prefix,) * prefix_length + (1,) * continuation_length
 
 

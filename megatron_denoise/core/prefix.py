@@ -26,10 +26,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from megatron_denoise.config.schema import DenoiseConfig, RhoConfig
+from megatron_denoise.config.schema import DenoiseConfig, PartialMode, PoolSampling, RhoConfig, RhoStrategy
+from megatron_denoise.config.validate import rho_errors
 from megatron_denoise.core.seeding import derive_seed, derived_rng
 from megatron_denoise.core.types import (
-    PARTIAL_MODES,
     FallbackReason,
     PrefixSpan,
     Problem,
@@ -52,8 +52,8 @@ __all__ = [
     "RHO_STRATEGIES",
 ]
 
-POOL_SAMPLING = ("first", "random")
-RHO_STRATEGIES = ("fixed", "uniform", "normal")
+POOL_SAMPLING = PoolSampling.values()   # the schema's types (config.schema); the loader checks them
+RHO_STRATEGIES = RhoStrategy.values()
 
 # A tokenizer as this module needs it: text -> policy token ids (no special tokens added).
 Encoder = Callable[[str], Sequence[int]]
@@ -96,33 +96,20 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> 
 
 def validate_rho_config(rho: RhoConfig) -> None:
     """Raise ValueError naming the key if the rho sampler's settings are invalid."""
-    errors = []
-    if rho.strategy not in RHO_STRATEGIES:
-        errors.append(f"denoise.rho.strategy ({rho.strategy!r}) must be one of {'|'.join(RHO_STRATEGIES)}")
-    if rho.strategy == "fixed" and not 0.0 < rho.value <= 1.0:
-        errors.append(f"denoise.rho.value ({rho.value}) must be in (0, 1]")
-    if rho.strategy in ("uniform", "normal"):
-        for key in ("low", "high"):
-            v = getattr(rho, key)
-            if not 0.0 < v <= 1.0:
-                errors.append(f"denoise.rho.{key} ({v}) must be in (0, 1]")
-        if rho.low > rho.high:
-            errors.append(f"denoise.rho.low ({rho.low}) must be <= denoise.rho.high ({rho.high})")
-    if rho.strategy == "normal" and not rho.std >= 0.0:
-        errors.append(f"denoise.rho.std ({rho.std}) must be >= 0")
+    errors = rho_errors(rho)  # the ONE rho check (config.validate), shared with the loader
     if errors:
         raise ValueError("; ".join(errors))
 
 
 def sample_rho(rho: RhoConfig, rng: random.Random) -> float:
     """One prefix ratio: fixed value, uniform(low, high), or normal(mean, std) clipped to [low, high]."""
-    if rho.strategy == "fixed":
+    if rho.strategy == RhoStrategy.FIXED:
         return float(rho.value)
-    if rho.strategy == "uniform":
+    if rho.strategy == RhoStrategy.UNIFORM:
         return rng.uniform(rho.low, rho.high)
-    if rho.strategy == "normal":
+    if rho.strategy == RhoStrategy.NORMAL:
         return min(rho.high, max(rho.low, rng.gauss(rho.mean, rho.std)))
-    raise ValueError(f"denoise.rho.strategy ({rho.strategy!r}) must be one of {'|'.join(RHO_STRATEGIES)}")
+    raise ValueError(f"denoise.rho.strategy ({rho.strategy!r}) must be one of {' | '.join(RHO_STRATEGIES)}")
 
 
 def prefix_length(rho: float, source_num_tokens: int) -> int:
@@ -134,20 +121,18 @@ def prefix_length(rho: float, source_num_tokens: int) -> int:
 
 def generation_budget(partial_mode: str, max_response_length: int, p: int) -> int:
     """max_tokens of a row with a p-token prefix: R - p in cutdown and shift, R in none."""
-    if partial_mode not in PARTIAL_MODES:
-        raise ValueError(f"denoise.partial_mode ({partial_mode!r}) must be one of {'|'.join(PARTIAL_MODES)}")
-    return max_response_length - p if partial_mode in ("cutdown", "shift") else max_response_length
+    return max_response_length if partial_mode == PartialMode.NONE else max_response_length - p
 
 
 def choose_pool_index(pool_sampling: str, pool_size: int, rng: random.Random) -> int:
     """`first`: always entry 0 (the reference code); `random`: uniform over the pool (the paper)."""
     if pool_size < 1:
         raise ValueError("cannot choose from an empty pool")
-    if pool_sampling == "first":
+    if pool_sampling == PoolSampling.FIRST:
         return 0
-    if pool_sampling == "random":
+    if pool_sampling == PoolSampling.RANDOM:
         return rng.randrange(pool_size)
-    raise ValueError(f"denoise.pool_sampling ({pool_sampling!r}) must be one of {'|'.join(POOL_SAMPLING)}")
+    raise ValueError(f"denoise.pool_sampling ({pool_sampling!r}) must be one of {' | '.join(POOL_SAMPLING)}")
 
 
 def _validate(denoise: DenoiseConfig, max_response_length: int) -> None:
@@ -158,10 +143,6 @@ def _validate(denoise: DenoiseConfig, max_response_length: int) -> None:
         errors.append(f"denoise.k_denoise ({denoise.k_denoise}) must be >= 0")
     if denoise.n_main + denoise.k_denoise < 1:
         errors.append(f"denoise.n_main + denoise.k_denoise ({denoise.n_main} + {denoise.k_denoise}) must be >= 1")
-    if denoise.pool_sampling not in POOL_SAMPLING:
-        errors.append(f"denoise.pool_sampling ({denoise.pool_sampling!r}) must be one of {'|'.join(POOL_SAMPLING)}")
-    if denoise.partial_mode not in PARTIAL_MODES:
-        errors.append(f"denoise.partial_mode ({denoise.partial_mode!r}) must be one of {'|'.join(PARTIAL_MODES)}")
     if max_response_length < 1:
         errors.append(f"data.max_response_length ({max_response_length}) must be >= 1")
     if errors:

@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from megatron_denoise.config.schema import PartialMode
+
 __all__ = [
     "RowKind",
     "PartialMode",
@@ -28,8 +30,7 @@ __all__ = [
 ]
 
 FinishReason = Literal["stop", "length", "abort"]
-PartialMode = Literal["cutdown", "shift", "none"]
-PARTIAL_MODES: tuple[str, ...] = ("cutdown", "shift", "none")
+PARTIAL_MODES: tuple[str, ...] = PartialMode.values()  # the schema's type (config.schema.PartialMode)
 
 
 class RowKind(str, enum.Enum):

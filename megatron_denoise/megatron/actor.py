@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_denoise.config.schema import AlgorithmConfig, Config, OptimizerConfig
+from megatron_denoise.config.schema import AlgorithmConfig, Config, LossImpl, OptimizerConfig
 from megatron_denoise.megatron import batching
 from megatron_denoise.megatron.batching import ActorBatch, MicroBatch
 from megatron_denoise.megatron.logprobs import (
@@ -37,6 +37,7 @@ from megatron_denoise.megatron.logprobs import (
     logprobs_from_hidden,
     policy_loss_from_hidden,
     set_hidden_output,
+    vocab_parallel_logprobs_from_logits,
 )
 from megatron_denoise.megatron.model import BuildOptions, build_model, unwrap
 
@@ -45,7 +46,7 @@ from megatron_denoise.megatron.model import BuildOptions, build_model, unwrap
 class ActorOptions:
     """Actor settings that are not in the run config."""
 
-    loss_impl: str = "torch"          # torch | fused (megatron_denoise.kernels)
+    loss_impl: Optional[str] = None   # override of algorithm.loss_impl (fused | torch); None: the config's
     build: BuildOptions = field(default_factory=BuildOptions)
     total_steps_for_schedule: Optional[int] = None  # LR decay horizon (default trainer.total_steps)
 
@@ -94,6 +95,8 @@ class MegatronActor:
         self.cfg = cfg
         self.groups = groups
         self.options = options or ActorOptions()
+        self.loss_impl = LossImpl(self.options.loss_impl or cfg.algorithm.loss_impl)
+        self._reference: Optional[list[torch.Tensor]] = None  # frozen starting weights (KL), see snapshot_reference
         layout = groups.layout
         chunks = build_model(cfg.model, groups, self.options.build)
         self.tf_config = chunks[0].config
@@ -256,7 +259,7 @@ class MegatronActor:
             h = output.reshape(-1, output.shape[-1])                    # [S_local, H]
             lp, en = logprobs_from_hidden(h, chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk),
                                           chunk.vocab_size, mb.targets, self.groups.tp,
-                                          impl=self.options.loss_impl)
+                                          impl=self.loss_impl)
             if self._reports():
                 batching.scatter_back(lp, mb, logp_out)
                 batching.scatter_back(en, mb, ent_out)
@@ -272,6 +275,52 @@ class MegatronActor:
         dist.all_reduce(logp_out)
         dist.all_reduce(ent_out)
         return logp_out.float(), ent_out.float()
+
+    # --------------------------------------------------------------------------------------------
+    # the KL reference policy: a frozen copy of the starting weights, in the actor's own layout
+
+    def _params(self) -> list:
+        return [p for m in self.model for p in m.parameters()]
+
+    def snapshot_reference(self) -> None:
+        """Freeze the CURRENT weights as the reference policy of the KL term (call it once, after
+        loading the starting weights and before any checkpoint resume). Each rank keeps a copy
+        of its own shards, so the reference has the actor's layout (tp/pp/vpp/ep) by
+        construction; with algorithm.kl.offload_reference it lives in host memory between uses."""
+        offload = bool(self.cfg.algorithm.kl.offload_reference) and self.groups.device.type != "cpu"
+        self._reference = [p.detach().to("cpu", copy=True) if offload else p.detach().clone()
+                           for p in self._params()]
+
+    @property
+    def has_reference(self) -> bool:
+        return self._reference is not None
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        """The model's parameters hold the reference weights for the duration (restored after,
+        bit for bit; the optimizer's main params are never touched)."""
+        if self._reference is None:
+            raise RuntimeError("algorithm.kl needs the reference policy: call snapshot_reference() "
+                               "after loading the starting weights")
+        params = self._params()
+        offload = self._reference[0].device != params[0].device if params else False
+        saved = [p.detach().to("cpu", copy=True) if offload else p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, r in zip(params, self._reference):
+                    p.data.copy_(r, non_blocking=offload)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.data.copy_(s, non_blocking=offload)
+
+    def compute_ref_logprobs(self, batch: ActorBatch) -> torch.Tensor:
+        """Reference-policy log-probs [rows, W] (token-aligned like compute_logprobs), identical on
+        every rank: the same forward pass with the frozen starting weights swapped in."""
+        with self._reference_weights():
+            logp, _ = self.compute_logprobs(batch)
+        return logp
 
     # --------------------------------------------------------------------------------------------
     def train_step(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> dict:
@@ -291,6 +340,7 @@ class MegatronActor:
         t0 = time.perf_counter()
         mbs = self._plan(batch)
         n_tok, n_seq = self._global_counts(mbs)
+        norm_tokens = float(algo.loss_norm_tokens or self.cfg.data.max_response_length)
         sums: dict[str, float] = {}
 
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
@@ -301,7 +351,7 @@ class MegatronActor:
                 None if algo.force_on_policy else mb.old_logprobs,
                 tp_group=self.groups.tp, algo=algo, global_num_tokens=n_tok, global_num_seqs=n_seq,
                 seq_ids=mb.seq_ids, seq_num_tokens=mb.seq_num_tokens, ref_logprobs=mb.ref_logprobs,
-                impl=self.options.loss_impl)
+                is_weights=mb.is_weights, loss_norm_tokens=norm_tokens, impl=self.loss_impl)
             if self._reports():
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for k, v in metrics.items():
@@ -319,14 +369,59 @@ class MegatronActor:
         vec = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
         dist.all_reduce(vec)
         metrics = {k: float(v) for k, v in zip(keys, vec)}
-        if not (self.cfg.algorithm.kl.coef and batch.ref_logprobs is not None):
+        if batch.ref_logprobs is None:
             metrics.pop("kl")
+        metrics["loss_impl_fused"] = 1.0 if self.loss_impl == LossImpl.FUSED else 0.0
 
         grad_norm, lr, skipped = self._apply_update(metrics["loss"])
         metrics.update(grad_norm=grad_norm, lr=lr,
                        skipped=1.0 if skipped else 0.0, num_micro_batches=float(len(mbs)),
                        loss_tokens=n_tok, step_time_s=time.perf_counter() - t0)
         return metrics
+
+    def sft_step(self, batch: ActorBatch) -> dict:
+        """One optimizer update of supervised cross-entropy on the tokens of batch.loss_mask (the
+        warm-start stage, megatron_denoise.sft):
+
+            loss = -sum_t mask_t log p(token_t) / (mask tokens of the WHOLE batch, over DP ranks)
+
+        with log p from the last stage's hidden states and the local vocab shard
+        (logprobs.vocab_parallel_logprobs_from_logits: [tokens, V/tp] logits of one micro-batch
+        at a time, never the full vocabulary). Same planning, global normalisation, schedule, NaN
+        guard and optimizer step as train_step. Returns (identical on every rank): loss (mean NLL
+        per loss token), grad_norm, lr, skipped, loss_tokens, tokens (all tokens of the batch),
+        num_micro_batches, step_time_s."""
+        if batch.loss_mask is None:
+            raise ValueError("sft_step needs batch.loss_mask (1 on the tokens to learn)")
+        t0 = time.perf_counter()
+        mbs = self._plan(batch)
+        n_tok, _ = self._global_counts(mbs)
+        if n_tok <= 0:
+            raise ValueError("sft_step: the batch has no loss tokens (loss_mask is 0 everywhere)")
+        sums = {"loss": 0.0}
+
+        def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
+            h = output.reshape(-1, output.shape[-1])
+            logits = h @ chunk.output_layer.loss_weight_ref[0].t()           # [S_local, V/tp]
+            logp, _ = vocab_parallel_logprobs_from_logits(logits, mb.targets, self._vocab_start(chunk),
+                                                          chunk.vocab_size, self.groups.tp, with_entropy=False)
+            loss = -(logp * mb.loss_mask).sum() / n_tok
+            if self._reports():
+                sums["loss"] += float(loss.detach())
+            return loss, torch.tensor(int(mb.loss_mask.sum()), dtype=torch.int), {}
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with self._router_losses_averaged(len(mbs)):
+            self._run_schedule(mbs, loss_fn, forward_only=False)
+        vec = torch.tensor([sums["loss"]], dtype=torch.float64)
+        dist.all_reduce(vec)
+        loss = float(vec[0])
+        grad_norm, lr, skipped = self._apply_update(loss)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": 1.0 if skipped else 0.0,
+                "loss_tokens": n_tok, "tokens": float(batch.sequence_lengths.sum()),
+                "num_micro_batches": float(len(mbs)), "step_time_s": time.perf_counter() - t0}
 
     def _apply_update(self, loss: float) -> tuple[float, float, bool]:
         """After the backward passes: the NaN/Inf guard (a non-finite loss or gradient norm on any
@@ -410,4 +505,5 @@ def _rows(batch: ActorBatch, sel: slice) -> ActorBatch:
 
     return ActorBatch(input_ids=batch.input_ids[sel], sequence_lengths=batch.sequence_lengths[sel],
                       loss_mask=take(batch.loss_mask), advantages=take(batch.advantages),
-                      old_logprobs=take(batch.old_logprobs), ref_logprobs=take(batch.ref_logprobs))
+                      old_logprobs=take(batch.old_logprobs), ref_logprobs=take(batch.ref_logprobs),
+                      is_weights=take(batch.is_weights))

@@ -41,6 +41,8 @@ class ActorBatch:
     advantages       float  [rows] (per row) or [rows, W] (per token); None for log-probs only
     old_logprobs     float  log p_old(token t) at t; None: force_on_policy or recomputed by the actor
     ref_logprobs     float  reference-model log-probs (KL); optional
+    is_weights       float  detached per-token weights of the policy term (truncated importance
+                            sampling against the rollout engine, core.mismatch); optional
     """
 
     input_ids: torch.Tensor
@@ -49,6 +51,7 @@ class ActorBatch:
     advantages: Optional[torch.Tensor] = None
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -58,7 +61,7 @@ class ActorBatch:
             raise ValueError(f"sequence_lengths must be [rows={rows}], got {tuple(self.sequence_lengths.shape)}")
         if int(self.sequence_lengths.max()) > w or int(self.sequence_lengths.min()) < 1:
             raise ValueError(f"sequence_lengths must be in [1, W={w}]")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "is_weights"):
             x = getattr(self, name)
             if x is not None and x.shape != (rows, w):
                 raise ValueError(f"{name} must be [rows={rows}, W={w}], got {tuple(x.shape)}")
@@ -71,12 +74,13 @@ class ActorBatch:
 
     @classmethod
     def from_packed(cls, packed: Any, old_logprobs: Optional[torch.Tensor] = None,
-                    ref_logprobs: Optional[torch.Tensor] = None) -> "ActorBatch":
+                    ref_logprobs: Optional[torch.Tensor] = None,
+                    is_weights: Optional[torch.Tensor] = None) -> "ActorBatch":
         """From megatron_denoise.core.fold.PackedBatch (same alignment convention)."""
         adv = packed.row_advantages if packed.row_advantages is not None else packed.advantages
         return cls(input_ids=packed.input_ids, sequence_lengths=packed.sequence_lengths,
                    loss_mask=packed.loss_mask, advantages=adv, old_logprobs=old_logprobs,
-                   ref_logprobs=ref_logprobs)
+                   ref_logprobs=ref_logprobs, is_weights=is_weights)
 
     def row_advantages(self, r: int) -> torch.Tensor:
         """[W] advantages of row r."""
@@ -103,6 +107,7 @@ class MicroBatch:
     starts: list = field(default_factory=list)      # offset of each sequence in the packed row
     lengths: list = field(default_factory=list)
     positions: Optional[torch.Tensor] = None        # [S] global packed positions kept by this rank (CP)
+    is_weights: Optional[torch.Tensor] = None       # [S] float (truncated IS), or None
 
     @property
     def seq_ids(self) -> torch.Tensor:
@@ -179,6 +184,7 @@ def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int) -> Micro
     adv = torch.zeros(s)
     old = torch.zeros(s) if batch.old_logprobs is not None else None
     ref = torch.zeros(s) if batch.ref_logprobs is not None else None
+    isw = torch.zeros(s) if batch.is_weights is not None else None
     seq_tokens = []
     starts, lens = [], []
     off = 0
@@ -196,6 +202,8 @@ def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int) -> Micro
             old[off:off + n - 1] = batch.old_logprobs[r, 1:n].float()
         if ref is not None:
             ref[off:off + n - 1] = batch.ref_logprobs[r, 1:n].float()
+        if isw is not None:
+            isw[off:off + n - 1] = batch.is_weights[r, 1:n].float()
         seq_tokens.append(float(lm.sum()))
         starts.append(off)
         lens.append(n)
@@ -213,10 +221,10 @@ def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int) -> Micro
                       segment=segment, targets=targets, loss_mask=loss_mask, advantages=adv,
                       old_logprobs=old, ref_logprobs=ref,
                       seq_num_tokens=torch.tensor(seq_tokens, dtype=torch.float32),
-                      rows=list(rows), starts=starts, lengths=lens)
+                      rows=list(rows), starts=starts, lengths=lens, is_weights=isw)
 
 
-def empty_micro_batch(seq_len: int, with_old: bool, with_ref: bool) -> MicroBatch:
+def empty_micro_batch(seq_len: int, with_old: bool, with_ref: bool, with_is: bool = False) -> MicroBatch:
     """A micro-batch with no sequences (every position is padding, loss mask 0): keeps the
     number of micro-batches equal across data-parallel ranks (MoE collectives span them)."""
     s = seq_len
@@ -226,7 +234,8 @@ def empty_micro_batch(seq_len: int, with_old: bool, with_ref: bool) -> MicroBatc
                       targets=torch.zeros(s, dtype=torch.long), loss_mask=torch.zeros(s), advantages=torch.zeros(s),
                       old_logprobs=torch.zeros(s) if with_old else None,
                       ref_logprobs=torch.zeros(s) if with_ref else None,
-                      seq_num_tokens=torch.zeros(0), rows=[], starts=[], lengths=[])
+                      seq_num_tokens=torch.zeros(0), rows=[], starts=[], lengths=[],
+                      is_weights=torch.zeros(s) if with_is else None)
 
 
 def cp_chunk_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
@@ -256,7 +265,7 @@ def cp_split(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
                       loss_mask=take(mb.loss_mask), advantages=take(mb.advantages),
                       old_logprobs=take(mb.old_logprobs), ref_logprobs=take(mb.ref_logprobs),
                       seq_num_tokens=mb.seq_num_tokens, rows=mb.rows, starts=mb.starts, lengths=mb.lengths,
-                      positions=keep)
+                      positions=keep, is_weights=take(mb.is_weights))
 
 
 @dataclass
@@ -283,7 +292,8 @@ def plan_step(batch: ActorBatch, *, dp: int, dp_rank: int, budget: int, multiple
 def materialise(batch: ActorBatch, bins: list[list[int]], seq_len: int, num_micro_batches: int) -> list[MicroBatch]:
     mbs = [build_micro_batch(batch, b, seq_len) for b in bins]
     while len(mbs) < num_micro_batches:
-        mbs.append(empty_micro_batch(seq_len, batch.old_logprobs is not None, batch.ref_logprobs is not None))
+        mbs.append(empty_micro_batch(seq_len, batch.old_logprobs is not None, batch.ref_logprobs is not None,
+                                     batch.is_weights is not None))
     return mbs
 
 

@@ -25,7 +25,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_denoise.config.schema import LossAgg, LossImpl
 from megatron_denoise.core.losses import policy_loss
+
+# How many times each implementation computed a training loss in this process (tests assert which
+# one a training step ran through; the actor also reports it as the metric loss_impl_fused).
+LOSS_IMPL_CALLS: dict[str, int] = {m.value: 0 for m in LossImpl}
 
 
 class _AllReduceSumIdentityGrad(torch.autograd.Function):
@@ -150,7 +155,9 @@ def policy_loss_from_hidden(
     seq_ids: torch.Tensor,
     seq_num_tokens: torch.Tensor,
     ref_logprobs: Optional[torch.Tensor] = None,
-    impl: str = "torch",
+    is_weights: Optional[torch.Tensor] = None,
+    loss_norm_tokens: Optional[float] = None,
+    impl: LossImpl = LossImpl.FUSED,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Loss of T packed tokens from hidden [T, H] and the vocab shard weight [V_local, H].
 
@@ -160,39 +167,44 @@ def policy_loss_from_hidden(
     by the region function upstream (enable_hidden_output), so no collective on it here.
 
     Returns (loss, logprobs [T] detached, entropy [T] detached, metrics).
-    impl: "torch" (readable) | "fused" (megatron_denoise.kernels, same semantics).
+    impl: "fused" (megatron_denoise.kernels; the default) | "torch" (readable, same semantics):
+    both take the core loss's keywords, built once here.
+    is_weights [T]: detached per-token weights of the policy term (truncated IS), or None.
+    loss_norm_tokens: the Dr. GRPO constant (seq-mean-token-sum-norm).
     """
-    common = dict(clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
-                  force_on_policy=algo.force_on_policy)
-    kl_coef = algo.kl.coef if ref_logprobs is not None else 0.0
-    if impl == "fused":
+    from megatron_denoise.config.schema import KLUse
+
+    kl_coef = algo.kl.coef if (ref_logprobs is not None and algo.kl.use == KLUse.LOSS) else 0.0
+    kw = dict(clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+              force_on_policy=algo.force_on_policy, policy_loss_type=algo.policy_loss,
+              cispo_clip_high=algo.cispo_clip_high, loss_agg=algo.loss_agg,
+              global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+              loss_norm_tokens=loss_norm_tokens if algo.loss_agg == LossAgg.SEQ_MEAN_TOKEN_SUM_NORM else None,
+              seq_ids=seq_ids, seq_num_tokens=seq_num_tokens, is_weights=is_weights,
+              entropy_coef=algo.entropy_coeff, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_type=algo.kl.type)
+    if impl == LossImpl.FUSED:
         from megatron_denoise.kernels import fused_policy_loss
 
-        out = fused_policy_loss(
-            hidden, weight, vocab_start, targets, old_logprobs, advantages, loss_mask,
-            entropy=True, agg=algo.loss_agg, global_tokens=global_num_tokens, global_seqs=global_num_seqs,
-            seq_ids=seq_ids, seq_num_tokens=seq_num_tokens, vocab_size=vocab_size,
-            entropy_coef=algo.entropy_coeff, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-            kl_type=algo.kl.type, tp_group=tp_group, reduce_grad_hidden=False, **common)
+        LOSS_IMPL_CALLS[LossImpl.FUSED.value] += 1
+        out = fused_policy_loss(hidden, weight, vocab_start, targets, old_logprobs, advantages, loss_mask,
+                                return_entropy=True, vocab_size=vocab_size, tp_group=tp_group,
+                                reduce_grad_hidden=False, **kw)
         return out.loss, out.logprobs, out.entropy, out.metrics
-    if impl != "torch":
-        raise ValueError(f"loss impl {impl!r} is not one of torch | fused")
+    if impl != LossImpl.TORCH:
+        raise ValueError(f"algorithm.loss_impl ({impl!r}) must be one of {' | '.join(LossImpl.values())}")
+    LOSS_IMPL_CALLS[LossImpl.TORCH.value] += 1
     logits = hidden @ weight.t()                                  # [T, V_local]
     logp, ent = vocab_parallel_logprobs_from_logits(logits, targets, vocab_start, vocab_size, tp_group)
-    loss, metrics = policy_loss(
-        logp, old_logprobs, advantages, loss_mask, loss_agg=algo.loss_agg,
-        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
-        seq_num_tokens=seq_num_tokens, entropy=ent, entropy_coef=algo.entropy_coeff,
-        ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_type=algo.kl.type, **common)
+    loss, metrics = policy_loss(logp, old_logprobs, advantages, loss_mask, entropy=ent, **kw)
     return loss, logp.detach(), ent.detach(), metrics
 
 
 def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, vocab_size: int,
-                         targets: torch.Tensor, tp_group: Any, impl: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                         targets: torch.Tensor, tp_group: Any, impl: LossImpl = LossImpl.FUSED) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs [T], entropy [T]) without gradient (old / reference log-probs). impl="fused"
     uses the kernel's vocab-parallel log-probs (no [T, V/tp] logits)."""
     with torch.no_grad():
-        if impl == "fused":
+        if impl == LossImpl.FUSED:
             from megatron_denoise.kernels import vocab_parallel_logprobs
 
             return vocab_parallel_logprobs(hidden, weight, vocab_start, targets, vocab_size=vocab_size,

@@ -79,12 +79,10 @@ def test_separate_baselines_split_main_and_denoise_rows():
 
 
 def test_group_advantages_errors():
-    with pytest.raises(ValueError, match="algorithm.std"):
-        group_advantages(torch.tensor([1., 0.]), [0, 0], std="sample")
+    # (algorithm.std / algorithm.name values are the schema's types, checked by the config loader:
+    # tests/test_config_choices.py)
     with pytest.raises(ValueError, match="3 rewards for 2 group keys"):
         group_advantages(torch.tensor([1., 0., 1.]), [0, 0])
-    with pytest.raises(ValueError, match="algorithm.name"):
-        compute_advantages([], AlgorithmConfig(name="ppo"))
 
 
 def test_dapo_filter_keeps_only_mixed_groups():

@@ -43,8 +43,8 @@ def test_mask_table_and_errors():
     assert response_loss_mask(0, 0, "cutdown") == ()
     assert response_loss_mask(2, 0, "shift") == (1, 1)
     assert response_loss_mask(2, 1, "none") == (0, 0, 1)
-    with pytest.raises(ValueError, match="denoise.partial_mode"):
-        response_loss_mask(1, 1, "both")
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        response_loss_mask(-1, 1, "cutdown")
 
 
 def test_over_budget_completion_and_empty_response():

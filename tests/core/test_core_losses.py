@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from megatron_denoise.core.losses import LOSS_AGG_MODES, kl_penalty, local_loss_counts, policy_loss
 
 F64 = torch.float64  # property tests compare to 1e-12: float64 throughout (never set the global default)
+T_NORM = 5.0  # the Dr. GRPO constant of seq-mean-token-sum-norm in the property tests
 
 
 def leaf(values):
@@ -106,9 +107,9 @@ def test_packed_layout_matches_padded():
     keep = mask2.reshape(-1) > 0
     seq_ids = torch.tensor([0, 0, 0, 1, 1])
     for agg in LOSS_AGG_MODES:
-        a, _ = policy_loss(logp2, old2, adv, mask2, loss_agg=agg)
+        a, _ = policy_loss(logp2, old2, adv, mask2, loss_agg=agg, loss_norm_tokens=4)
         b, _ = policy_loss(logp2.reshape(-1)[keep], old2.reshape(-1)[keep], adv[seq_ids], torch.ones(5),
-                           loss_agg=agg, seq_ids=seq_ids)
+                           loss_agg=agg, seq_ids=seq_ids, loss_norm_tokens=4)
         assert a.item() == pytest.approx(b.item()), agg
     with pytest.raises(ValueError, match="need seq_ids"):
         policy_loss(torch.zeros(3), None, torch.zeros(3), torch.ones(3), force_on_policy=True,
@@ -120,8 +121,9 @@ def test_kl_and_entropy_terms_by_hand():
     lp, ref = torch.tensor([math.log(.5)]), torch.tensor([math.log(.25)])
     assert kl_penalty(lp, ref, "k1").item() == pytest.approx(math.log(2))
     assert kl_penalty(lp, ref, "k3").item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert kl_penalty(lp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
     with pytest.raises(ValueError, match="algorithm.kl.type"):
-        kl_penalty(lp, ref, "k2")
+        kl_penalty(lp, ref, "k5")
     logp = leaf([[math.log(.5), math.log(.5)]])
     ref2 = torch.full((1, 2), math.log(.25))
     ent = torch.tensor([[1.0, 2.0]])
@@ -141,7 +143,8 @@ def test_kl_and_entropy_terms_by_hand():
 def test_all_masked_batch_is_zero_not_nan():
     logp = leaf([[-1.0, -2.0]])
     for agg in LOSS_AGG_MODES:
-        loss, m = policy_loss(logp, None, torch.tensor([1.0]), torch.zeros(1, 2), force_on_policy=True, loss_agg=agg)
+        loss, m = policy_loss(logp, None, torch.tensor([1.0]), torch.zeros(1, 2), force_on_policy=True, loss_agg=agg,
+                              loss_norm_tokens=2)
         assert loss.item() == 0.0 and not math.isnan(m["clip_fraction"].item())
 
 
@@ -165,7 +168,7 @@ def _loss_and_grad(logp_all, old, adv, mask, pieces, agg, on_policy, dual, **ext
     for sl in pieces:
         loss, m = policy_loss(logp[sl], old[sl], adv[sl], mask[sl], clip_low=0.2, clip_high=0.28, dual_clip=dual,
                               force_on_policy=on_policy, loss_agg=agg, global_num_tokens=tokens,
-                              global_num_seqs=seqs, **extra)
+                              global_num_seqs=seqs, loss_norm_tokens=T_NORM, **extra)
         loss.backward()  # gradients accumulate over micro-batches as in the trainer
         total = total + loss.detach()
         metrics_sum = metrics_sum + m["clip_fraction"]
@@ -217,7 +220,7 @@ def test_packed_token_split_inside_a_sequence(T, seed, data):
                 # Each micro-batch keeps the global sequence ids (unused ids simply contribute 0).
                 loss, _ = policy_loss(x[sl], old[sl], adv[sl], mask[sl], loss_agg=agg, seq_ids=seq_ids[sl],
                                       seq_num_tokens=full_counts[: int(seq_ids[sl].max()) + 1],
-                                      global_num_tokens=tokens, global_num_seqs=seqs)
+                                      global_num_tokens=tokens, global_num_seqs=seqs, loss_norm_tokens=T_NORM)
                 loss.backward()
                 total = total + loss.detach()
             grads.append(x.grad)

@@ -16,7 +16,7 @@ import torch
 
 from megatron_denoise.kernels.reference import full_logprobs_and_entropy, reference_policy_loss
 
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # Tolerances. fp32: the 1e-5. bf16 (hidden and weight in bf16, logits/softmax in fp32):
 # differences come from bf16 rounding of the logits GEMM output and of dL/dz before the gradient
@@ -67,9 +67,9 @@ def make_case(T: int = 50, H: int = 40, vocab_size: int = 203, padded_rows: Opti
 
 
 def loss_kwargs(case: LossCase, agg: str, **over: Any) -> dict[str, Any]:
-    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, force_on_policy=False, entropy=True,
-              entropy_coef=0.01, agg=agg, global_tokens=float(case.mask.sum() + 7),
-              global_seqs=5.0, seq_ids=case.seq_ids, vocab_size=case.vocab_size)
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, force_on_policy=False, return_entropy=True,
+              entropy_coef=0.01, loss_agg=agg, global_num_tokens=float(case.mask.sum() + 7),
+              global_num_seqs=5.0, loss_norm_tokens=40.0, seq_ids=case.seq_ids, vocab_size=case.vocab_size)
     kw.update(over)
     return kw
 

@@ -36,7 +36,7 @@ def test_force_on_policy_hand_value_and_kl() -> None:
     assert_parity(got, want, FP32_TOL)
     # ratio == 1: nothing is clipped and the loss is -sum(A * mask) / global_tokens
     assert got["clip_fraction"] == 0
-    hand = -(case.advantages * case.mask).sum() / kw["global_tokens"]
+    hand = -(case.advantages * case.mask).sum() / kw["global_num_tokens"]
     torch.testing.assert_close(got["loss"], hand, **FP32_TOL)
     # a k3 KL term against reference log-probs goes through the same per-token gradient path
     ref_lp = case.old_logprobs + 0.1
@@ -174,7 +174,7 @@ def test_dispatch_and_input_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         fused_policy_loss(case.hidden, case.weight, 0, case.targets, *args, grad_mode="later")
     with pytest.raises(ValueError, match="seq_ids"):
         fused_policy_loss(case.hidden.requires_grad_(True), case.weight, 0, case.targets, *args,
-                          agg="seq-mean-token-mean")
+                          loss_agg="seq-mean-token-mean")
 
 
 @pytest.mark.slow
