@@ -69,6 +69,7 @@ setup(
             "mdn-convert=megatron_denoise.launch.convert_checkpoint:main",
             "mdn-evaluate=megatron_denoise.launch.evaluate:main",
             "mdn-plot=megatron_denoise.launch.plot:main",
+            "mdn-sft=megatron_denoise.launch.sft:main",
         ]
     },
     include_package_data=True,

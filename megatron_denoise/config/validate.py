@@ -200,6 +200,8 @@ def validate_sft_config(cfg: SFTConfig, world_size: Optional[int] = None) -> lis
         e.append(f"sft.epochs ({s.epochs}) must be > 0")
     if s.val_freq < 0:
         e.append(f"sft.val_freq ({s.val_freq}) must be >= 0")
+    if s.stop_after is not None and s.stop_after < 1:
+        e.append(f"sft.stop_after ({s.stop_after}) must be >= 1 (or null)")
     bad_steps = [x for x in s.export_hf_steps if isinstance(x, bool) or not isinstance(x, int) or x < 1]
     if bad_steps:
         e.append(f"sft.export_hf_steps must be positive step numbers, got {bad_steps}")
