@@ -66,6 +66,7 @@ setup(
         "console_scripts": [
             "mdn-train=megatron_denoise.launch.train:main",
             "mdn-prepare-data=megatron_denoise.launch.prepare_data:main",
+            "mdn-make-task=megatron_denoise.launch.make_task:main",
             "mdn-convert=megatron_denoise.launch.convert_checkpoint:main",
             "mdn-evaluate=megatron_denoise.launch.evaluate:main",
             "mdn-plot=megatron_denoise.launch.plot:main",

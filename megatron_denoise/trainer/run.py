@@ -27,26 +27,10 @@ def _path(p: str) -> Path:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """The HF folder to start from. The offline demo models are built on first use."""
-    if not cfg.model.hf_path:
-        raise ValueError("model.hf_path is not set: point it at a Hugging Face model folder")
-    path = _path(cfg.model.hf_path)
-    if (path / "config.json").is_file():
-        return str(path)
-    from megatron_denoise.prepare import models as models_cache
+    """The HF folder to start from, built first when the config says how (model.build)."""
+    from megatron_denoise.prepare.models import ensure_model
 
-    if path.name.startswith("smollm2-135m-instruct"):
-        return models_cache.smollm2_path()
-    if path.name.startswith("tiny-"):
-        # a tiny random-weight model of exactly the configured architecture (tests, TP demos)
-        m = cfg.model
-        return models_cache.tiny_random_model(
-            m.family, path, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups, head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon,
-            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rotary_base,
-            tie_word_embeddings=m.tie_word_embeddings, seed=cfg.trainer.seed)
-    raise FileNotFoundError(f"model.hf_path: {path} has no config.json (a Hugging Face model folder is needed)")
+    return ensure_model(cfg.model)
 
 
 class Run:
@@ -129,7 +113,13 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         ctx = StepContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer, problems=problems,
                           tokenizer=tokenizer, prompt_ids=problems.prompt_ids, decode=hf_decoder(tokenizer),
                           pad_id=tokenizer.pad_token_id or 0)
-        eval_sets = load_eval_sets(cfg, tokenizer) if cfg.trainer.test_freq > 0 else {}
+        validates = cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train
+        eval_sets = load_eval_sets(cfg, tokenizer) if validates else {}
+        held_out: dict[int, float] = {}  # step -> val/overall, for the before/after summary
+        if eval_sets and cfg.trainer.val_before_train and resume_from is None:
+            before = _validate(cfg, engine, tokenizer, eval_sets, scorer, problems, 0)
+            held_out[0] = before["val/overall"]
+            logger.log(0, before)
 
         def save(step: int) -> str:
             state = {"problems": problems.state_dict(), "step": step}
@@ -147,8 +137,11 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
             step += 1
             seen_log.write(step, {"uids": problems.drawn[drawn:]})
             metrics["problems_seen"] = float(problems.seen)
-            if eval_sets and step % cfg.trainer.test_freq == 0:
+            # every test_freq steps, and after the last step (the after-training figure)
+            if eval_sets and ((cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0)
+                              or step == cfg.trainer.total_steps):
                 metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, problems, step))
+                held_out[step] = metrics["val/overall"]
             logger.log(step, metrics)
             progress.update(step, metrics)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
@@ -172,6 +165,11 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         plot_run(run.run_dir)
         outputs["plots"] = str(run.run_dir / "plots")
         (run.run_dir / "outputs.json").write_text(json.dumps(outputs, indent=1) + "\n")
+        if 0 in held_out and len(held_out) > 1:
+            last = max(held_out)
+            print(f"[megatron-denoise] held-out accuracy (val/overall): before RL {held_out[0]:.3f} -> after "
+                  f"{last} steps {held_out[last]:.3f}", flush=True)
+            outputs["held_out"] = json.dumps({str(k): v for k, v in sorted(held_out.items())})
         print("[megatron-denoise] done. Written:", flush=True)
         for k, v in outputs.items():
             print(f"  {k:12s} {v}", flush=True)
