@@ -38,14 +38,15 @@ def _free_port() -> int:
 
 
 def launch(nproc: int, checks: list[dict], workdir: Path, name: str, timeout: int = 420,
-           expect_killed: bool = False) -> dict:
-    """Run the worker under torchrun; return {check name: result}."""
+           expect_killed: bool = False, worker: Path = WORKER) -> dict:
+    """Run the worker (mcore_worker.py, or another script built on it) under torchrun; return
+    {check name: result}."""
     spec = workdir / f"{name}.spec.json"
     out = workdir / f"{name}.out.json"
     spec.write_text(json.dumps({"workdir": str(workdir), "checks": checks}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), str(WORKER), str(spec), str(out)]
+           "--master-port", str(_free_port()), str(worker), str(spec), str(out)]
     log = workdir / f"{name}.log"
     # own session: when a rank is killed (-9 test), its checkpoint writer's multiprocessing
     # manager outlives it; killing the whole group afterwards leaves nothing behind
