@@ -52,7 +52,9 @@ def init_ray(cfg: Config, run_dir: str) -> None:
     else:
         # local: logical CPUs are scheduling tokens; each rank and the engine need one
         # MDN_RAY_TMPDIR: a private session folder (tests use it to find and stop a killed run's Ray)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.cluster.world_size + 2), include_dashboard=False,
+        # address="local": always a fresh local instance; without it Ray attaches to any cluster a
+        # `ray start` left on this machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.cluster.world_size + 2), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
 
 
