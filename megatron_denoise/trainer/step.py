@@ -1,7 +1,8 @@
 """One DenoiseRL training step, top to bottom, in the method's words (METHOD.md sections 2-4).
 
-    sample problems -> build N main + K denoise rows -> generate -> verify -> advantages by group
-    -> (DAPO filter and re-sampling) -> old log-probs -> train -> refit the engine -> metrics
+    sample problems -> build N main + K denoise rows -> generate -> verify -> (DAPO filter and
+    re-sampling) -> old (and reference) log-probs -> (KL reward penalty) -> advantages by group
+    -> mismatch metrics and corrections -> train -> refit the engine -> metrics
 
 Plain GRPO/DAPO is the same loop with K = 0. Everything heavy sits behind the small interfaces of
 `StepContext`: the policy (Megatron actor workers), the rollout engine, the reward pool and the
@@ -12,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from megatron_denoise.config.schema import Config
+from dataclasses import replace
+
+from megatron_denoise.config.schema import Config, KLUse
 from megatron_denoise.core.advantages import DynamicSampler, apply_overlong_shaping, compute_advantages
 from megatron_denoise.core.fold import fold_rollout, pack, verifier_text
 from megatron_denoise.core.metrics import step_metrics
+from megatron_denoise.core.mismatch import engine_logprobs, kl_reward_penalty, measure_and_correct
 from megatron_denoise.core.prefix import build_step_requests
 from megatron_denoise.core.types import Problem, Rollout
 from megatron_denoise.rollout.engine import SamplingSpec
@@ -28,8 +32,11 @@ class Policy(Protocol):
     def compute_logprobs(self, batch) -> "Any":  # [rows, W] log p(input_ids[:, t] | < t), 0 at t = 0
         ...
 
-    def train(self, batch, old_logprobs) -> dict[str, float]:  # one optimizer step per mini-batch
-        ...
+    def train(self, batch, old_logprobs, **extra) -> dict[str, float]:  # one optimizer step per mini-batch
+        ...                      # extra: ref_logprobs (KL in the loss), is_weights (truncated IS)
+
+    # (with algorithm.kl.coef > 0) reference-policy log-probs [rows, W]:
+    # def compute_ref_logprobs(self, batch) -> Any
 
     def refit(self, engine: Any) -> Any:  # push the current weights (HF names) into the engine
         ...
@@ -70,9 +77,11 @@ def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, ge
     plan = build_step_requests(problems, [ctx.prompt_ids(p) for p in problems], ctx.tokenizer, cfg.denoise, R,
                                step, gen_batch=gen_batch, sampling_seed=cfg.rollout.seed)
 
-    # generate: main and denoise rows in ONE call, so the engine batches them and shares prompts
+    # generate: main and denoise rows in ONE call, so the engine batches them and shares prompts;
+    # the engine also returns its sampling log-probs when the mismatch is measured or corrected
     with timer.phase("generate"):
-        completions = ctx.engine.generate(plan.requests, SamplingSpec.from_config(cfg.rollout))
+        completions = ctx.engine.generate(plan.requests, SamplingSpec.from_config(
+            cfg.rollout, logprobs=mismatch_wanted(cfg)))
 
     # verify: prefix + continuation, last \boxed{} against the ground truth
     with timer.phase("reward"):
@@ -89,6 +98,11 @@ def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, ge
     for reason, n in plan.fallbacks.items():
         counts[f"fallback/{reason}"] = float(n)
     return groups, counts
+
+
+def mismatch_wanted(cfg: Config) -> bool:
+    m = cfg.algorithm.mismatch
+    return bool(m.metrics or m.tis_cap is not None or m.seq_mask_low is not None or m.seq_mask_high is not None)
 
 
 def train_step(ctx: StepContext, step: int) -> dict[str, float]:
@@ -114,25 +128,65 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
             groups = sampler.take()
             break
 
-    # advantages by group: all N + K rows of a problem share one baseline (shared_baseline)
-    groups = apply_overlong_shaping(groups, cfg.algorithm.overlong)
-    advantages = compute_advantages(groups, cfg.algorithm, cfg.denoise.shared_baseline)
+    algo = cfg.algorithm
+    groups = apply_overlong_shaping(groups, algo.overlong)
     rows = [r for g in groups for r in g]
     folded = [fold_rollout(r, cfg.denoise.partial_mode) for r in rows]
-    batch = pack(folded, advantages.tolist(), pad_id=ctx.pad_id)
+    batch = pack(folded, pad_id=ctx.pad_id)
 
     # old log-probs: recomputed by the actor (never the engine's: prefix tokens are off-policy);
-    # force_on_policy replaces them by the detached current ones inside the loss (ratio == 1)
-    old_logprobs = None
-    if not cfg.algorithm.force_on_policy:
+    # force_on_policy replaces them by the detached current ones inside the loss (ratio == 1), but
+    # they are still computed when the engine's log-probs are compared with them (mismatch).
+    # Reference log-probs (KL) come from the frozen starting weights in the same phase.
+    kl_on = algo.kl.coef > 0
+    have_engine_lp = any(r.completion.logprobs for r in rows)
+    old_logprobs = ref_logprobs = None
+    if not algo.force_on_policy or kl_on or have_engine_lp:
         with timer.phase("old_logprob"):
             old_logprobs = ctx.policy.compute_logprobs(batch)
+            if kl_on:
+                ref_logprobs = ctx.policy.compute_ref_logprobs(batch)
+    extra_metrics: dict[str, float] = {}
+    if kl_on and algo.kl.use == KLUse.REWARD:
+        # PPO-style: reward -= coef x the row's summed per-token KL, before the advantages
+        pen = kl_reward_penalty(old_logprobs, ref_logprobs, batch.loss_mask, algo.kl.coef, algo.kl.type).tolist()
+        it = iter(pen)
+        groups = [[replace(r, reward=r.reward - next(it)) for r in g] for g in groups]
+        rows = [r for g in groups for r in g]
+        extra_metrics["kl/reward_penalty"] = sum(pen) / len(pen)
+
+    # advantages by group: all N + K rows of a problem share one baseline (shared_baseline)
+    advantages = compute_advantages(groups, algo, cfg.denoise.shared_baseline)
+    batch.row_advantages = advantages.to(batch.loss_mask.dtype)
+    batch.advantages = batch.row_advantages[:, None] * batch.loss_mask
+    if ref_logprobs is not None:  # the KL between the sampling policy and the reference, logged
+        from megatron_denoise.core.losses import kl_penalty
+
+        mk = batch.loss_mask
+        kl = kl_penalty(old_logprobs.double(), ref_logprobs.double(), algo.kl.type)
+        extra_metrics["kl/policy_vs_reference"] = float((kl * mk).sum() / mk.sum().clamp_min(1.0))
+
+    # rollout-training mismatch: measured per row kind, corrected if configured (core.mismatch)
+    is_weights = None
+    if have_engine_lp and old_logprobs is not None:
+        elp, have = engine_logprobs(rows, batch.response_start, batch.input_ids.shape[1])
+        mm = measure_and_correct(old_logprobs, elp, have, batch.loss_mask, [r.kind.value for r in rows],
+                                 algo.mismatch)
+        extra_metrics.update(mm.metrics)
+        is_weights = mm.is_weights
+        if not bool((mm.loss_mask == batch.loss_mask).all()):
+            batch = replace(batch, loss_mask=mm.loss_mask, advantages=batch.row_advantages[:, None] * mm.loss_mask)
 
     # train: the Megatron actor, global-token-normalised loss, one update per mini-batch
+    extra = {}
+    if ref_logprobs is not None and algo.kl.use == KLUse.LOSS:
+        extra["ref_logprobs"] = ref_logprobs
+    if is_weights is not None:
+        extra["is_weights"] = is_weights
     if cfg.rollout.colocate and hasattr(ctx.engine, "sleep"):
         ctx.engine.sleep()
     with timer.phase("train"):
-        train_metrics = ctx.policy.train(batch, old_logprobs)
+        train_metrics = ctx.policy.train(batch, None if algo.force_on_policy else old_logprobs, **extra)
     if cfg.rollout.colocate and hasattr(ctx.engine, "wake_up"):
         ctx.engine.wake_up()
 
@@ -145,6 +199,7 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     metrics = step_metrics(groups, cfg.data.max_response_length,
                            sampler.stats() if dapo.enabled else None)
     metrics.update(counts)
+    metrics.update(extra_metrics)
     metrics.update(train_metrics)
     metrics.update(timer.metrics())
     metrics["step"] = float(step + 1)

@@ -83,6 +83,8 @@ class PolicyWorkerImpl:
         self.groups = parallel_state.initialize(layout, backend=backend, seed=self.cfg.trainer.seed)
         self.actor = MegatronActor(self.cfg, self.groups)
         load_hf_into_actor(self.actor, hf_path)  # checks the config against the folder; refreshes main params
+        if self.cfg.algorithm.kl.coef > 0:  # the KL reference: the starting weights, frozen (a resume
+            self.actor.snapshot_reference()  # loads its checkpoint after this, the reference stays)
 
     def node_address(self) -> str:
         import ray
@@ -95,10 +97,17 @@ class PolicyWorkerImpl:
         logp, _ = self.actor.compute_logprobs(ActorBatch.from_packed(packed))
         return logp if self.rank == 0 else None
 
-    def train(self, packed, old_logprobs) -> Optional[dict]:
+    def compute_ref_logprobs(self, packed) -> Any:
         from megatron_denoise.megatron.batching import ActorBatch
 
-        updates = self.actor.update(ActorBatch.from_packed(packed, old_logprobs=old_logprobs))
+        logp = self.actor.compute_ref_logprobs(ActorBatch.from_packed(packed))
+        return logp if self.rank == 0 else None
+
+    def train(self, packed, old_logprobs, ref_logprobs=None, is_weights=None) -> Optional[dict]:
+        from megatron_denoise.megatron.batching import ActorBatch
+
+        updates = self.actor.update(ActorBatch.from_packed(packed, old_logprobs=old_logprobs,
+                                                           ref_logprobs=ref_logprobs, is_weights=is_weights))
         if self.rank != 0:
             return None
         # several updates (ppo_epochs x mini_batches): report their mean, and how many were skipped
@@ -226,8 +235,11 @@ class PolicyGroup:
     def compute_logprobs(self, batch) -> Any:
         return self.call("compute_logprobs", batch)
 
-    def train(self, batch, old_logprobs) -> dict:
-        return self.call("train", batch, old_logprobs)
+    def compute_ref_logprobs(self, batch) -> Any:
+        return self.call("compute_ref_logprobs", batch)
+
+    def train(self, batch, old_logprobs, ref_logprobs=None, is_weights=None) -> dict:
+        return self.call("train", batch, old_logprobs, ref_logprobs, is_weights)
 
     def refit(self, engine: "RolloutWorker") -> float:
         return self.call("refit", engine.handle)

@@ -166,5 +166,37 @@ def lm_parity(workdir: str, model: str, lay: dict, impl: str, variants: list) ->
     return out
 
 
+@mw.check
+def lm_reference_policy(workdir: str, lay: dict) -> dict:
+    """The KL reference: a frozen copy of the starting weights in the actor's layout. After a
+    real optimizer step its log-probs are still the starting ones (== the single-process
+    reference run's), the trained weights come back bit for bit, and the next step's KL metric
+    is the token mean of k3(log p_trained - log p_start) computed from those two tensors."""
+    from megatron_denoise.megatron.checkpoint import load_checkpoint
+
+    ref = Path(workdir) / "lm_ref_dense"
+    cfg = _config("dense")
+    cfg.algorithm.kl.coef, cfg.algorithm.kl.type = 0.1, "k3"
+    actor = mw.make_actor(cfg, mw.layout(dist.get_world_size(), **lay), loss_impl=None)
+    load_checkpoint(actor, ref / "init", load_optimizer=False, load_rng=False)
+    exp = torch.load(ref / "results.pt", weights_only=False)
+    actor.snapshot_reference()
+    batch = lm_batch()
+    logp0, _ = actor.compute_logprobs(batch)
+    b = replace(with_extras(batch, logp0, "token-mean"), ref_logprobs=actor.compute_ref_logprobs(batch))
+    m1 = actor.train_step(b)
+    logp1, _ = actor.compute_logprobs(batch)
+    ref1 = actor.compute_ref_logprobs(batch)
+    logp1_again, _ = actor.compute_logprobs(batch)
+    m2 = actor.train_step(replace(b, ref_logprobs=ref1))
+    mask = batch.loss_mask
+    # k3(log q) with log q = logp1 - ref, over the loss tokens (the step's log-probs are logp1)
+    lq = (logp1 - ref1).double()
+    hand = float(((torch.exp(-lq) + lq - 1.0) * mask).sum() / mask.sum())
+    return {"ref_vs_start": float((ref1 - logp0).abs().max()), "start_vs_single": float((logp0 - exp["logp"]).abs().max()),
+            "restored": float((logp1_again - logp1).abs().max()), "moved": float((logp1 - logp0).abs().max()),
+            "kl_step1": m1["kl"], "kl_step2": m2["kl"], "kl_hand": hand, "impl": str(actor.loss_impl)}
+
+
 if __name__ == "__main__":
     mw.main()

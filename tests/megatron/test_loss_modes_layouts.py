@@ -55,7 +55,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def refs(workdir) -> dict:
     checks = [{"name": "ref_dense", "kind": "lm_reference", "args": {"model": "dense", "variants": MODES + EXTRA}},
-              {"name": "ref_moe", "kind": "lm_reference", "args": {"model": "moe", "variants": MODES}}]
+              {"name": "ref_moe", "kind": "lm_reference", "args": {"model": "moe", "variants": MODES}},
+              {"name": "refpolicy_1p", "kind": "lm_reference_policy", "args": {"lay": {}}}]
     return _launch(1, checks, workdir, "lm1")
 
 
@@ -65,9 +66,14 @@ def _parity_checks(layouts):
             for name, a in layouts.items() for impl in IMPLS]
 
 
+REFPOLICY_2P = {"refpolicy_tp2": {"tp": 2}, "refpolicy_pp2": {"pp": 2}}
+
+
 @pytest.fixture(scope="module")
 def two(workdir, refs) -> dict:
-    return _launch(2, _parity_checks(LAYOUTS_2P), workdir, "lm2")
+    checks = _parity_checks(LAYOUTS_2P)
+    checks += [{"name": n, "kind": "lm_reference_policy", "args": {"lay": lay}} for n, lay in REFPOLICY_2P.items()]
+    return _launch(2, checks, workdir, "lm2")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +124,15 @@ def test_loss_modes_2proc(two, name, impl):
 @pytest.mark.parametrize("name", list(LAYOUTS_4P))
 def test_loss_modes_4proc(four, name, impl):
     _assert_parity(ok(four, f"{name}_{impl}"), LAYOUTS_4P[name]["variants"], impl)
+
+
+@pytest.mark.parametrize("name", ["refpolicy_1p", "refpolicy_tp2", "refpolicy_pp2"])
+def test_kl_reference_policy_is_the_frozen_start(refs, two, name):
+    r = ok(refs if name.endswith("1p") else two, name)
+    assert r["impl"] == "fused"  # the config's default
+    assert r["start_vs_single"] < TOL          # same starting weights as the single-process run
+    assert r["moved"] > 1e-4                   # the step moved the policy ...
+    assert r["ref_vs_start"] == 0.0            # ... not the reference: exactly the start
+    assert r["restored"] == 0.0                # the trained weights come back bit for bit
+    assert r["kl_step1"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at the start
+    assert r["kl_step2"] > 1e-6 and r["kl_step2"] == pytest.approx(r["kl_hand"], rel=1e-4, abs=1e-7)
