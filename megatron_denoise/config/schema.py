@@ -549,7 +549,9 @@ class SFTTrainConfig:
     epochs: Optional[float] = f(None, "Passes over the training rows: total_steps = ceil(epochs x rows / rows_per_step)")
     shuffle: bool = f(True, "Shuffle the rows each epoch (seeded; resumable cursor)")
     seed: int = f(42, "Data order seed, and the model-parallel RNG seed")
-    micro_batch_tokens: int = f(2048, "Token budget per packed micro-batch (must hold max_seq_length)")
+    micro_batch_tokens: Optional[int] = f(None, "Token budget per packed micro-batch, >= max_seq_length (null: 2 x "
+                                                "max_seq_length. On CPU attention over a packed row costs its length "
+                                                "squared: a few rows per micro-batch is fastest)")
     export_hf_steps: list = f(factory=list, doc="Steps after which a Hugging Face folder is written to "
                                                 "<logging.output_dir>/hf/step_<n>/ (the final one goes to hf/final/)")
     bad_rows: BadRows = f(BadRows.ERROR, "A row without a solution, or longer than max_seq_length: error (list them "

@@ -187,7 +187,7 @@ def validate_sft_config(cfg: SFTConfig, world_size: Optional[int] = None) -> lis
     elif s.max_seq_length > m.max_position_embeddings:
         e.append(f"sft.max_seq_length ({s.max_seq_length}) exceeds model.max_position_embeddings "
                  f"({m.max_position_embeddings})")
-    if s.micro_batch_tokens < s.max_seq_length:
+    if s.micro_batch_tokens is not None and s.micro_batch_tokens < s.max_seq_length:
         e.append(f"sft.micro_batch_tokens ({s.micro_batch_tokens}) must hold one full row "
                  f"(sft.max_seq_length = {s.max_seq_length})")
     if s.rows_per_step < 1:

@@ -150,8 +150,8 @@ class SFTPlan:
     loss_tokens: int = 0
 
     def describe(self) -> list[str]:
-        out = [f"rows: {self.rows}", f"rows_per_step: {self.rows_per_step}", f"total_steps: {self.total_steps}",
-               f"epochs: {self.epochs:.3f}"]
+        out = [f"rows: {self.rows or '? (data not read)'}", f"rows_per_step: {self.rows_per_step}",
+               f"total_steps: {self.total_steps}"] + ([f"epochs: {self.epochs:.3f}"] if self.rows else [])
         if self.tokens:
             mean = self.tokens / self.rows
             out += [f"tokens: {self.tokens} (mean {mean:.1f} per row; {self.loss_tokens} solution tokens)",

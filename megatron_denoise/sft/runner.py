@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_denoise.config.schema import SFTConfig
-from megatron_denoise.sft.config import actor_config
+from megatron_denoise.sft.config import actor_config, micro_batch_tokens
 from megatron_denoise.sft.data import SFTPlan, load_examples, make_batch, plan
 
 
@@ -185,7 +185,8 @@ def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -
     from megatron_denoise.trainer.observe import MetricsLogger
     from megatron_denoise.trainer.signals import EXIT_PREEMPTED, GracefulStop
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # the cores shared by this node's ranks, unless OMP_NUM_THREADS says otherwise
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world_size)))
     s, pl = cfg.sft, prepared.plan
     total = pl.total_steps
     run_dir, ckpt_dir = _path(cfg.logging.output_dir), _path(cfg.checkpoint.dir)
@@ -308,7 +309,7 @@ def dry_run(cfg: SFTConfig, world_size: int) -> str:
     if p is not None:
         lines += [f"  {x}" for x in p.describe()]
     lines += [f"  rows_per_dp_rank: {s.rows_per_step / layout.dp:g}",
-              f"  micro_batch_tokens: {s.micro_batch_tokens} (max_seq_length {s.max_seq_length})",
+              f"  micro_batch_tokens: {micro_batch_tokens(s)} (max_seq_length {s.max_seq_length})",
               f"  export_hf_steps: {sorted(s.export_hf_steps)} + final",
               f"  checkpoints: every {cfg.checkpoint.save_interval} steps into {cfg.checkpoint.dir}",
               f"  output: {cfg.logging.output_dir}"]

@@ -242,11 +242,13 @@ def test_dry_run_prints_layout_and_plan(env, capsys):
     from megatron_denoise.launch import sft
 
     assert sft.main(["--config", str(env["config"]("dry")), "--dry-run", "--world-size", "2",
-                     "parallel.tensor_model_parallel_size=2", "sft.total_steps=null", "sft.epochs=2"]) == 0
+                     "parallel.tensor_model_parallel_size=2", "sft.total_steps=null", "sft.epochs=2",
+                     "sft.micro_batch_tokens=null"]) == 0
     out = capsys.readouterr().out
     assert "world=2 = tp 2 x pp 1 x cp 1 x dp 1" in out
     assert "rows: 20" in out and "rows_per_step: 8" in out
     assert "total_steps: 5" in out          # ceil(2 epochs x 20 rows / 8)
+    assert "micro_batch_tokens: 256 (max_seq_length 128)" in out   # null: 2 x max_seq_length
     assert "tokens: " in out and not (env["root"] / "dry").exists()
 
 
