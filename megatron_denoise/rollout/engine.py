@@ -26,7 +26,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from megatron_denoise.core.types import Completion, RolloutRequest
 
-__all__ = ["SamplingSpec", "RolloutEngine", "check_requests", "make_engine"]
+__all__ = ["SamplingSpec", "RolloutEngine", "check_requests", "make_engine", "expected_tokens", "shard_rows"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,42 @@ def check_requests(requests: Sequence[RolloutRequest], max_model_len: int | None
                     f"engine's max_model_len ({max_model_len})")
 
 
+def expected_tokens(r: RolloutRequest) -> int:
+    """A row's worst-case cost in tokens: its input (prompt + prefix) plus its generation budget."""
+    return len(r.engine_input_ids) + int(r.max_tokens)
+
+
+def shard_rows(requests: Sequence[RolloutRequest], num_replicas: int) -> list[list[int]]:
+    """Row indices per replica, balanced by expected tokens (longest-processing-time first).
+
+    A problem's rows (same group_id) stay on one replica, so its prompt is prefilled once and
+    shared through the prefix cache. Each replica's rows keep request order. Completions do not
+    depend on the split: every row carries its own seed (vLLM draws a seeded row's tokens from a
+    generator of its own), so any number of replicas returns what one would."""
+    if num_replicas < 1:
+        raise ValueError(f"shard_rows: num_replicas ({num_replicas}) must be >= 1")
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.group_id, []).append(i)
+    cost = {g: sum(expected_tokens(requests[i]) for i in idx) for g, idx in groups.items()}
+    load = [0] * num_replicas
+    out: list[list[int]] = [[] for _ in range(num_replicas)]
+    # heaviest group first onto the least-loaded replica; ties by first row (deterministic)
+    for g in sorted(groups, key=lambda g: (-cost[g], groups[g][0])):
+        k = min(range(num_replicas), key=lambda j: (load[j], j))
+        load[k] += cost[g]
+        out[k].extend(groups[g])
+    return [sorted(idx) for idx in out]
+
+
 def make_engine(model_path: str, rollout_cfg, *, max_model_len: int, run_dir: str | None = None,
-                dtype: str | None = None) -> RolloutEngine:
-    """The engine named by `rollout_cfg.engine` (vllm | hf), imported lazily."""
+                dtype: str | None = None, **vllm_options) -> RolloutEngine:
+    """The engine named by `rollout_cfg.engine` (vllm | hf), imported lazily. vllm_options go to
+    VLLMEngine (in_process, external_launcher, sleep_level, seed)."""
     if rollout_cfg.engine == "vllm":
         from megatron_denoise.rollout.vllm_engine import VLLMEngine
-        return VLLMEngine(model_path, rollout_cfg, max_model_len=max_model_len, run_dir=run_dir, dtype=dtype)
+        return VLLMEngine(model_path, rollout_cfg, max_model_len=max_model_len, run_dir=run_dir, dtype=dtype,
+                          **vllm_options)
     if rollout_cfg.engine == "hf":
         from megatron_denoise.rollout.hf_engine import HFEngine
         return HFEngine(model_path, dtype=dtype or "float32")

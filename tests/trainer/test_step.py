@@ -50,11 +50,11 @@ class ScriptedEngine:
             out.append(Completion(token_ids=tuple(ids[: r.max_tokens]), finish_reason="stop"))
         return out
 
-    def sleep(self):
-        self.events.append("sleep")
+    def sleep(self, level=None):
+        self.events.append(f"sleep({level})")
 
-    def wake_up(self):
-        self.events.append("wake")
+    def wake_up(self, tags=None):
+        self.events.append(f"wake({','.join(tags) if tags else 'all'})")
 
 
 class RecordingPolicy:
@@ -62,12 +62,18 @@ class RecordingPolicy:
         self.batches = []
         self.logprob_calls = 0
         self.skipped = skipped
+        self.log = []  # shared with the engine's events by tests of the call order
+
+    def empty_cache(self):
+        self.log.append("empty_cache")
 
     def compute_logprobs(self, batch):
         self.logprob_calls += 1
+        self.log.append("logprobs")
         return torch.zeros_like(batch.loss_mask)
 
     def train(self, batch, old_logprobs):
+        self.log.append("train")
         self.batches.append((batch, old_logprobs))
         return {"loss": 0.5, "grad_norm": 1.0, "skipped": self.skipped, "updates": 1.0}
 
@@ -139,7 +145,7 @@ def test_one_call_with_main_and_denoise_rows_and_group_advantages():
     # cutdown: the prefix tokens of denoise rows carry no loss
     start = int(batch.response_start[2])
     assert batch.loss_mask[2, start:start + 15].sum() == 0 and batch.loss_mask[2, start + 15] == 1
-    assert engine.events == ["sleep", "wake", "refit"]
+    assert engine.events == ["sleep(2)", "wake(weights)", "refit", "wake(kv_cache)"]
     for k in ("time/generate", "time/reward", "time/train", "time/refit", "time/step"):
         assert m[k] >= 0.0
     assert m["step"] == 1.0 and m["fallbacks"] == 0.0
@@ -162,9 +168,45 @@ def test_empty_pool_falls_back_and_is_counted():
 
 
 def test_skipped_update_does_not_refit():
-    ctx, engine, _, _ = make_ctx([], lambda r: "x", problems(2), policy=RecordingPolicy(skipped=1.0))
+    # level-1 sleep keeps the engine's weights (in host memory): nothing to refit
+    ctx, engine, _, _ = make_ctx(["rollout.sleep_level=1"], lambda r: "x", problems(2),
+                                 policy=RecordingPolicy(skipped=1.0))
     train_step(ctx, step=0)
     assert engine.refits == 0
+    # level 2 dropped them: the engine is refitted with the (unchanged) policy weights
+    ctx, engine, _, _ = make_ctx(["rollout.sleep_level=2"], lambda r: "x", problems(2),
+                                 policy=RecordingPolicy(skipped=1.0))
+    train_step(ctx, step=0)
+    assert engine.refits == 1
+
+
+class OrderedEngine(ScriptedEngine):
+    def generate(self, requests, sampling):
+        self.events.append("generate")
+        return super().generate(requests, sampling)
+
+
+@pytest.mark.parametrize("level", [2, 1, 0])
+def test_gpu_memory_choreography_call_order_per_step(level):
+    """generate -> sleep -> old log-probs -> train -> empty_cache -> wake weights -> refit -> wake KV
+    cache, each step (the PPO path computes old log-probs; level 0 never sleeps)."""
+    policy = RecordingPolicy()
+    ctx, engine, _, _ = make_ctx([f"rollout.sleep_level={level}", "algorithm.force_on_policy=false"],
+                                 lambda r: "x", problems(4), policy=policy)
+    ctx.engine = engine = OrderedEngine(lambda r: "x")
+    policy.log = engine.events
+    for step in range(2):
+        m = train_step(ctx, step=step)
+    one = (["generate", f"sleep({level})", "logprobs", "train", "empty_cache", "wake(weights)", "refit",
+            "wake(kv_cache)"] if level else ["generate", "logprobs", "train", "empty_cache", "refit"])
+    assert engine.events == one * 2
+    assert ("time/sleep" in m) == bool(level) and ("time/wake" in m) == bool(level)
+    # colocate false: the engine is never put to sleep
+    policy = RecordingPolicy()
+    ctx, engine, _, _ = make_ctx(["rollout.colocate=false"], lambda r: "x", problems(2), policy=policy)
+    policy.log = engine.events
+    train_step(ctx, step=0)
+    assert engine.events == ["train", "refit"]
 
 
 def test_dapo_resamples_until_b_problems_survive_and_gives_up():
