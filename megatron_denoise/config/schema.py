@@ -304,6 +304,16 @@ class RolloutConfig:
     dtype: Optional[DType] = f(None, "Engine dtype (null: model.params_dtype)")
     cpu_kvcache_space_gb: int = f(1, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
     seed: int = f(0, "Base sampling seed; per-request seeds derive from it, the step and the row")
+    sleep_level: int = f(2, "GPU memory choreography of a colocated engine (vLLM sleep mode): after generating it "
+                            "sleeps at this level while the actor computes log-probs and trains, then wakes its "
+                            "weights, is refitted, and wakes its KV cache. 2: drop weights and KV cache (a refit "
+                            "follows every step); 1: offload weights to host memory, drop the KV cache; 0: never sleep")
+    refit_bucket_mb: int = f(256, "Refit streams the weights to every replica in buckets of this many MiB; each "
+                                  "sending rank has at most one bucket in flight (its extra memory)")
+    num_gpus: int = f(0, "GPUs of the engines when colocate is false (their own placement groups, a whole GPU per "
+                         "engine TP rank); 0: as many as the actor's. Ignored when colocated")
+    placement_timeout_s: float = f(300.0, "Seconds to wait for the placement groups and for every policy rank and "
+                                          "engine replica to start; then an error names what is missing")
 
 
 @dataclass

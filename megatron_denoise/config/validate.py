@@ -71,6 +71,28 @@ def check_checkpoint_and_cluster(e: list[str], cfg) -> None:
                  f"({cfg.cluster.gpus_per_node}) must be >= 1")
 
 
+def check_rollout_placement(e: list[str], cfg: Config) -> None:
+    """Engine replicas, sleep mode and refit buckets against the cluster shape (issue 14)."""
+    r, c = cfg.rollout, cfg.cluster
+    tp = r.tensor_parallel_size
+    if tp < 1:
+        e.append(f"rollout.tensor_parallel_size ({tp}) must be >= 1")
+    elif c.gpus_per_node >= 1:
+        if c.gpus_per_node % tp:
+            e.append(f"rollout.tensor_parallel_size ({tp}) must divide cluster.gpus_per_node ({c.gpus_per_node}): "
+                     f"an engine replica's TP group must not straddle two nodes")
+        if r.colocate is False and r.num_gpus and r.num_gpus % tp:
+            e.append(f"rollout.num_gpus ({r.num_gpus}) must be a multiple of rollout.tensor_parallel_size ({tp})")
+    if r.num_gpus < 0:
+        e.append(f"rollout.num_gpus ({r.num_gpus}) must be >= 0")
+    if r.sleep_level not in (0, 1, 2):
+        e.append(f"rollout.sleep_level ({r.sleep_level}) must be one of 0, 1, 2")
+    if r.refit_bucket_mb < 1:
+        e.append(f"rollout.refit_bucket_mb ({r.refit_bucket_mb}) must be >= 1")
+    if r.placement_timeout_s <= 0:
+        e.append(f"rollout.placement_timeout_s ({r.placement_timeout_s}) must be > 0")
+
+
 def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     e: list[str] = []
     m, d, dn, a, r = cfg.model, cfg.data, cfg.denoise, cfg.algorithm, cfg.rollout
@@ -139,6 +161,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         e.append(f"rollout.temperature ({r.temperature}) must be >= 0")
     if not (0.0 < r.top_p <= 1.0):
         e.append(f"rollout.top_p ({r.top_p}) must be in (0, 1]")
+    check_rollout_placement(e, cfg)
 
     # reward
     if cfg.reward.num_workers < 1:
