@@ -2,8 +2,10 @@
 
     python -m megatron_denoise.launch.train [--config FILE] [--dry-run] [--world-size W] [key=value ...]
 
-Without --config the embedded default runs: configs/tiny-denoise-grpo-cpu-1n1g.yaml, a tiny CPU run
-(SmolLM2-135M-Instruct on GSM8K, after preparing its weak-model pool).
+Without --config the embedded default runs: configs/testbed-denoise-grpo-cpu-1n1g.yaml, the science
+testbed on CPU (task generation -> warm-start of a from-scratch 1.1M-parameter Llama -> weak-model
+pool -> DenoiseRL-GRPO -> held-out accuracy before and after RL). The config's `prepare:` section
+runs first (each stage skipped when its output exists); --prepare-only stops after it.
 --dry-run validates the config against the world size (default: cluster.num_nodes x
 cluster.gpus_per_node) and prints the resolved layout and rollout plan without starting anything.
 """
@@ -18,7 +20,7 @@ from megatron_denoise.config.schema import Config
 from megatron_denoise.layout import ParallelLayout
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "tiny-denoise-grpo-cpu-1n1g.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "testbed-denoise-grpo-cpu-1n1g.yaml"
 
 
 def rollout_plan(cfg: Config, layout: ParallelLayout) -> dict:
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", type=Path, default=None, help="YAML config (default: the tiny CPU run)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     ap.add_argument("--world-size", type=int, default=None, help="world size to validate against")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="carry out the prepare: section (task files, warm-start, pool) and stop before training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. denoise.k_denoise=4")
     return ap.parse_args(argv)
 
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
     from megatron_denoise.prepare.stage import prepare_run
 
     prepare_run(cfg)  # task files, warm-start, weak-model pool: each skipped when already done
+    if args.prepare_only:
+        return 0
     from megatron_denoise.trainer.run import run_training  # heavy: engines load from here on
 
     return run_training(cfg, config_path=path, overrides=args.overrides)

@@ -202,4 +202,8 @@ def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, problems, step:
     res = evaluate(engine, tokenizer, eval_sets, cfg.eval, scorer=scorer, max_tokens=cfg.data.max_response_length,
                    seed=cfg.rollout.seed, prompt_ids=problems.prompt_ids)
     print(res.markdown(), flush=True)
+    # per-problem scores of every validation (the science benchmark buckets them by difficulty)
+    out = _path(cfg.logging.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"step_{step}.json").write_text(json.dumps(res.to_dict(), allow_nan=False) + "\n")
     return res.metrics()
