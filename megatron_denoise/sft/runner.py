@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -119,13 +120,27 @@ def run(cfg: SFTConfig, world_size: int) -> int:
 
     from megatron_denoise.trainer.signals import EXIT_PREEMPTED
 
+    ctx = mp.start_processes(_spawned, args=(cfg, prepared, world_size, str(_free_port())), nprocs=world_size,
+                             join=False, start_method="spawn")
+
+    def forward(signum, frame) -> None:
+        # the ranks finish their step, save and exit 75 (a terminal's Ctrl-C reaches them directly
+        # too: they get SIGTERM from here, so a second SIGINT never turns into KeyboardInterrupt)
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:  # a rank's exception is re-raised here with that rank's traceback
-        mp.start_processes(_spawned, args=(cfg, prepared, world_size, str(_free_port())), nprocs=world_size,
-                           join=True, start_method="spawn")
+        while not ctx.join():
+            pass
     except mp.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
             return EXIT_PREEMPTED
         raise
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
     return 0
 
 
