@@ -19,10 +19,10 @@ in a buffer of its own size); when the buffer is full it is sent and the rank wa
 receiver has consumed it before filling the next, so at most one bucket per rank is in flight and
 nothing holds a copy of the whole model. The receiver feeds the tensors (views into the received
 buffer) into ONE `reload_weights` call through an iterator, because vLLM's layer-wise reload must
-see every weight within a single call. Transport: on CPU the buffer is a numpy array passed
-through Ray's object store (shared memory on a node); on GPU the buffer is a CUDA tensor on the
-rank's device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions
-.reduce_tensor`), valid for the colocated replica on the SAME GPU, so no weights are pickled.
+see every weight within a single call. Transport: on GPU the buffer is a CUDA tensor on the rank's
+device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions.reduce_tensor`),
+valid for the colocated replica on the SAME GPU, so no weights are pickled; on CPU the buffer is a
+/dev/shm file the rank reuses (same node), or a copy through Ray's object store (other nodes).
 
 This module imports neither vllm nor torch at import time: vLLM resolves the extension class by
 its qualified name inside each worker.
@@ -61,88 +61,143 @@ def unpack_tensors(payload: bytes) -> list[tuple[str, "object"]]:
 class Bucket:
     """A flat byte buffer holding several tensors: (name, dtype, shape, offset) each.
 
-    `payload` is what travels: a numpy uint8 array (CPU, Ray object store) or a CUDA IPC handle
-    ((rebuild_fn, args) from torch's reduce_tensor) of a CUDA uint8 tensor."""
+    `payload` is what travels, by transport:
+    - {"kind": "shm", "path", "size"}: a file in /dev/shm that the sender REUSES for every bucket
+      (CPU, sender and receiver on one node: the CPU twin of a CUDA IPC handle);
+    - {"kind": "ipc", "handle"}: torch's reduce_tensor of a CUDA buffer the sender reuses (GPU,
+      colocated receiver on the same device);
+    - {"kind": "numpy", "array"}: a copy through Ray's object store (other nodes).
+    Reused buffers are copied tensor by tensor on the receiving side (vLLM's layer-wise reload
+    keeps loaded tensors until their layer is complete), so the sender may refill its buffer as
+    soon as `BucketStream.push` returns."""
 
-    def __init__(self, entries: list, payload, nbytes: int) -> None:
+    def __init__(self, entries: list, payload: dict, nbytes: int) -> None:
         self.entries = entries
         self.payload = payload
         self.nbytes = nbytes
 
-    def tensors(self):
-        """(name, tensor) views into the buffer (no copy)."""
+    def _flat(self):
         import warnings
 
         import torch
 
-        if isinstance(self.payload, tuple):            # CUDA IPC handle: (rebuild, args)
-            rebuild, args = self.payload
-            flat = rebuild(*args)
-        else:
-            with warnings.catch_warnings():              # read-only object-store memory: we only read
-                warnings.simplefilter("ignore")
-                flat = torch.from_numpy(self.payload)
+        kind = self.payload["kind"]
+        if kind == "shm":
+            return torch.from_file(self.payload["path"], shared=True, size=self.payload["size"], dtype=torch.uint8)
+        if kind == "ipc":
+            rebuild, args = self.payload["handle"]
+            return rebuild(*args)
+        with warnings.catch_warnings():              # read-only object-store memory: we only read
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(self.payload["array"])
+
+    def tensors(self):
+        """(name, tensor) per entry: views into the buffer, or copies when the buffer is reused."""
+        import torch
+
+        flat = self._flat()
+        reused = self.payload["kind"] in ("shm", "ipc")
         for name, dtype, shape, off in self.entries:
             dt = getattr(torch, dtype)
             n = 1
             for d in shape:
                 n *= d
             size = n * torch.empty((), dtype=dt).element_size()
-            yield name, flat[off:off + size].view(dt).view(shape)
+            t = flat[off:off + size].view(dt).view(shape)
+            yield name, (t.clone() if reused else t)
 
 
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 
 
-def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                   keep: "object" = None):
-    """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
-    reusing ONE preallocated buffer: the consumer must be done with a bucket (its receivers
-    consumed it) before asking for the next. keep(name) -> bool filters tensors (others are
-    dropped at once). Tensors on a CUDA device go into a CUDA buffer sent as an IPC handle."""
-    import torch
+class _Buffers:
+    """The sender's reusable buffer(s) for one transport."""
 
-    if bucket_bytes < 1:
-        raise ValueError(f"refit bucket size ({bucket_bytes} bytes) must be >= 1")
-    buf = None
-    entries: list = []
-    used = 0
+    def __init__(self, transport: str) -> None:
+        import os
+        import uuid
 
-    def emit(flat, ents, n):
+        self.transport = transport
+        self.files: list[str] = []
+        self.tag = f"mdn-refit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def new(self, nbytes: int, device):
+        import torch
+
+        if device.type == "cuda" or self.transport != "shm":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device), None
+        path = f"/dev/shm/{self.tag}-{len(self.files)}"
+        self.files.append(path)
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8), path
+
+    def payload(self, flat, path, nbytes: int) -> dict:
         if flat.is_cuda:
             from torch.multiprocessing.reductions import reduce_tensor
 
-            payload = reduce_tensor(flat)
-        else:
-            payload = flat.numpy()
-        return Bucket(list(ents), payload, n)
+            return {"kind": "ipc", "handle": reduce_tensor(flat)}
+        if path is not None:
+            return {"kind": "shm", "path": path, "size": int(flat.numel())}
+        return {"kind": "numpy", "array": flat[:nbytes].numpy()}
 
-    for name, t in named_tensors:
-        if keep is not None and not keep(name):
-            continue
-        t = t.detach()
-        nbytes = t.numel() * t.element_size()
-        if nbytes > bucket_bytes:                      # travels alone, in a buffer of its own size
-            if entries:
-                yield emit(buf, entries, used)
+    def cleanup(self) -> None:
+        import os
+
+        for p in self.files:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                   keep: "object" = None, transport: str = "object"):
+    """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
+    reusing ONE preallocated buffer: the consumer must be done with a bucket (its receivers
+    consumed it) before asking for the next. keep(name) -> bool filters tensors (others are
+    dropped at once). transport: "shm" (a reused /dev/shm file: receivers on this node) or
+    "object" (Ray's object store); tensors on a CUDA device always go as CUDA IPC handles."""
+    import os
+
+    if bucket_bytes < 1:
+        raise ValueError(f"refit bucket size ({bucket_bytes} bytes) must be >= 1")
+    if transport not in ("shm", "object"):
+        raise ValueError(f"refit transport {transport!r}: expected shm | object")
+    bufs = _Buffers(transport)
+    buf = path = None
+    entries: list = []
+    used = 0
+    try:
+        for name, t in named_tensors:
+            if keep is not None and not keep(name):
+                continue
+            t = t.detach()
+            nbytes = t.numel() * t.element_size()
+            meta = (name, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            if nbytes > bucket_bytes:                      # travels alone, in a buffer of its own size
+                if entries:
+                    yield Bucket(list(entries), bufs.payload(buf, path, used), used)
+                    entries, used = [], 0
+                own, own_path = bufs.new(nbytes, t.device)
+                own.view(t.dtype).view(t.shape).copy_(t)
+                yield Bucket([(*meta, 0)], bufs.payload(own, own_path, nbytes), nbytes)
+                del own
+                if own_path is not None:                   # consumed: its memory goes at once
+                    bufs.files.remove(own_path)
+                    os.unlink(own_path)
+                continue
+            if used + nbytes > bucket_bytes and entries:
+                yield Bucket(list(entries), bufs.payload(buf, path, used), used)
                 entries, used = [], 0
-            own = torch.empty(nbytes, dtype=torch.uint8, device=t.device)
-            own.view(t.dtype).view(t.shape).copy_(t)
-            yield emit(own, [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), 0)], nbytes)
-            del own
-            continue
-        if used + nbytes > bucket_bytes and entries:
-            yield emit(buf, entries, used)
-            entries, used = [], 0
-        if buf is None or buf.device != t.device:
-            buf = torch.empty(bucket_bytes, dtype=torch.uint8, device=t.device)
-        buf[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t)
-        entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), used))
-        used = _align(used + nbytes)
-        used = min(used, bucket_bytes)
-    if entries:
-        yield emit(buf, entries, used)
+            if buf is None or buf.device != t.device:
+                buf, path = bufs.new(bucket_bytes, t.device)
+            buf[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t)
+            entries.append((*meta, used))
+            used = min(_align(used + nbytes), bucket_bytes)
+        if entries:
+            yield Bucket(list(entries), bufs.payload(buf, path, used), used)
+    finally:
+        bufs.cleanup()
 
 
 def bucket_tensors(buckets) -> "Iterable[tuple[str, object]]":
@@ -249,10 +304,8 @@ class RefitWorkerExtension:
         def on_device():
             for n, t in weights:
                 count[0] += 1
-                # vLLM's layer-wise reload keeps the loaded tensors until their layer is complete:
-                # a CUDA IPC view into the sender's reused buffer must be copied (at most a layer);
-                # a CPU view keeps its own object-store buffer alive and needs no copy
-                yield n, (t.clone() if t.is_cuda else t.to(device))
+                # tensors from a reused buffer arrive as copies already (Bucket.tensors)
+                yield n, t.to(device)
 
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.reload_weights(weights_iterator=on_device(), is_checkpoint_format=True)

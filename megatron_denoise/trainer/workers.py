@@ -138,7 +138,7 @@ class PolicyWorkerImpl:
         out["updates"] = float(len(updates))
         return out
 
-    def refit(self, targets: list, bucket_bytes: int) -> dict:
+    def refit(self, targets: list, bucket_bytes: int, transport: str = "shm") -> dict:
         """Stream the weights (HF names) into `targets`, the engine processes this rank feeds (its
         colocated replica slice). Every rank iterates the gathered tensors (the gathers are
         collectives); a rank without targets drops each at once. Buckets of `bucket_bytes`, one in
@@ -155,7 +155,8 @@ class PolicyWorkerImpl:
                 ray.get([t.refit_begin.remote() for t in targets])
             try:
                 keep = None if targets else (lambda name: False)
-                for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep):
+                for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep,
+                                             transport=transport):
                     ref = ray.put(bucket)
                     ray.get([t.refit_push.remote(ref) for t in targets])  # one bucket in flight
                     stats["buckets"] += 1
@@ -380,7 +381,10 @@ class PolicyGroup:
         if not isinstance(engine, RolloutFleet):  # a plain engine (tests): the old full push
             raise TypeError(f"PolicyGroup.refit needs a RolloutFleet, got {type(engine).__name__}")
         targets = self.refit_targets(engine)
-        per_rank = ray.get([w.refit.remote(t, self.bucket_bytes) for w, t in zip(self.workers, targets)])
+        # colocated: the replica shares the rank's node (and GPU): a reused shared buffer (CUDA IPC
+        # on GPU); otherwise Ray's object store
+        transport = "shm" if self.placement.plan.colocate else "object"
+        per_rank = ray.get([w.refit.remote(t, self.bucket_bytes, transport) for w, t in zip(self.workers, targets)])
         self.last_refit = {
             "refit/buckets": float(max(p["buckets"] for p in per_rank)),
             "refit/mb_sent": sum(p["bytes"] for p in per_rank) / 2**20,
@@ -483,16 +487,17 @@ class RolloutFleet:
             ray.get(rest)
         return out
 
-    def update_weights(self, named) -> float:
-        """Full push from the driver (tests, tools): streamed in buckets to every process."""
+    def update_weights(self, named, bucket_bytes: Optional[int] = None, transport: str = "object") -> float:
+        """Push (name, tensor) pairs from the driver (tests, tools) to every engine process, with
+        the trainer's protocol: buckets of bucket_bytes, one in flight."""
         import ray
 
-        from megatron_denoise.rollout.refit import stream_buckets
+        from megatron_denoise.rollout.refit import DEFAULT_BUCKET_BYTES, stream_buckets
 
         hs = self.handles()
         ray.get([h.refit_begin.remote() for h in hs])
         try:
-            for bucket in stream_buckets(named):
+            for bucket in stream_buckets(named, bucket_bytes or DEFAULT_BUCKET_BYTES, transport=transport):
                 ref = ray.put(bucket)
                 ray.get([h.refit_push.remote(ref) for h in hs])
         finally:
