@@ -385,12 +385,12 @@ class MegatronActor:
 
             loss = -sum_t mask_t log p(token_t) / (mask tokens of the WHOLE batch, over DP ranks)
 
-        with log p from the last stage's hidden states and the local vocab shard
-        (logprobs.vocab_parallel_logprobs_from_logits: [tokens, V/tp] logits of one micro-batch
-        at a time, never the full vocabulary). Same planning, global normalisation, schedule, NaN
-        guard and optimizer step as train_step. Returns (identical on every rank): loss (mean NLL
-        per loss token), grad_norm, lr, skipped, loss_tokens, tokens (all tokens of the batch),
-        num_micro_batches, step_time_s."""
+        with log p from the last stage's hidden states and the local vocab shard: the fused kernel's
+        differentiable vocab-parallel log-probs (loss_impl fused: no [tokens, V/tp] logits), or
+        logprobs.vocab_parallel_logprobs_from_logits (torch: one micro-batch's shard logits).
+        Same planning, global normalisation, schedule, NaN guard and optimizer step as train_step.
+        Returns (identical on every rank): loss (mean NLL per loss token), grad_norm, lr, skipped,
+        loss_impl_fused, loss_tokens, tokens (all tokens of the batch), num_micro_batches, step_time_s."""
         if batch.loss_mask is None:
             raise ValueError("sft_step needs batch.loss_mask (1 on the tokens to learn)")
         t0 = time.perf_counter()
@@ -402,9 +402,16 @@ class MegatronActor:
 
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
             h = output.reshape(-1, output.shape[-1])
-            logits = h @ chunk.output_layer.loss_weight_ref[0].t()           # [S_local, V/tp]
-            logp, _ = vocab_parallel_logprobs_from_logits(logits, mb.targets, self._vocab_start(chunk),
-                                                          chunk.vocab_size, self.groups.tp, with_entropy=False)
+            w, start = chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk)
+            if self.loss_impl == LossImpl.FUSED:
+                from megatron_denoise.kernels import vocab_parallel_logprobs
+
+                # dL/dhidden is reduced over TP by the region function upstream (enable_hidden_output)
+                logp, _ = vocab_parallel_logprobs(h, w, start, mb.targets, vocab_size=chunk.vocab_size, entropy=False,
+                                                  tp_group=self.groups.tp, reduce_grad_hidden=False)
+            else:
+                logp, _ = vocab_parallel_logprobs_from_logits(h @ w.t(), mb.targets, start, chunk.vocab_size,
+                                                              self.groups.tp, with_entropy=False)
             loss = -(logp * mb.loss_mask).sum() / n_tok
             if self._reports():
                 sums["loss"] += float(loss.detach())
@@ -420,6 +427,7 @@ class MegatronActor:
         loss = float(vec[0])
         grad_norm, lr, skipped = self._apply_update(loss)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": 1.0 if skipped else 0.0,
+                "loss_impl_fused": 1.0 if self.loss_impl == LossImpl.FUSED else 0.0,
                 "loss_tokens": n_tok, "tokens": float(batch.sequence_lengths.sum()),
                 "num_micro_batches": float(len(mbs)), "step_time_s": time.perf_counter() - t0}
 

@@ -6,7 +6,7 @@ section supplies the rest (micro-batch budget, steps for the LR schedule, seed, 
 """
 from __future__ import annotations
 
-from megatron_denoise.config.schema import Config, SFTConfig, SFTTrainConfig, TrainerConfig
+from megatron_denoise.config.schema import AlgorithmConfig, Config, SFTConfig, SFTTrainConfig, TrainerConfig
 
 
 def micro_batch_tokens(s: SFTTrainConfig) -> int:
@@ -21,5 +21,6 @@ def actor_config(cfg: SFTConfig, total_steps: int) -> Config:
     s = cfg.sft
     return Config(name=cfg.name, model=cfg.model, parallel=cfg.parallel, cluster=cfg.cluster,
                   optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, logging=cfg.logging,
+                  algorithm=AlgorithmConfig(loss_impl=s.loss_impl),
                   trainer=TrainerConfig(total_steps=int(total_steps), micro_batch_tokens=micro_batch_tokens(s),
                                         seed=s.seed, test_freq=0, nan_guard=s.nan_guard))

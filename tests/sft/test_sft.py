@@ -6,7 +6,8 @@ identical to the RL trainer's, loss on solution + EOS only), bad rows named by f
 Two launches, shared by the checks below (module-scoped):
   W1  one process, world size 1, three CLI runs: A = 4 SGD steps (exports after step 1 and at the
       end); B1 = the same config stopped at 2 steps, B2 = B resumed to 4 steps.
-  TP2 one CLI run at world size 2, tp=2 (two spawned ranks), 1 step.
+  TP2 one CLI run at world size 2, tp=2 (two spawned ranks), 1 step, with sft.loss_impl=torch
+      (W1 runs the default fused kernel): both loss paths meet the same reference.
 The references are independent: transformers' LlamaForCausalLM on the same weights, rows built
 here from the chat template + tokenizer directly, loss = -mean log-softmax of the solution tokens,
 one SGD step = w - lr * autograd gradient.
@@ -134,7 +135,8 @@ def w1(env):
 def tp2(env, w1):  # after w1: never two heavy launches at once
     c = env["config"]("TP2")
     _launch(["-m", "megatron_denoise.launch.sft", "--config", str(c), "--world-size", "2",
-             "parallel.tensor_model_parallel_size=2", "sft.total_steps=1", "checkpoint.save_interval=0"],
+             "parallel.tensor_model_parallel_size=2", "sft.total_steps=1", "checkpoint.save_interval=0",
+             "sft.loss_impl=torch"],
             env["root"] / "tp2.log")
     return {"dir": env["root"] / "TP2", "log": (env["root"] / "tp2.log").read_text()}
 
@@ -312,6 +314,7 @@ def test_loss_and_sgd_step_match_transformers(env, w1, hf_ref):
     assert abs(m[0]["loss"] - loss_ref) < TOL, (m[0]["loss"], loss_ref)
     assert m[0]["loss_tokens"] == sum(len(ids) - p for ids, p in _reference_rows(env))
     assert m[0]["lr"] == LR and m[0]["skipped"] == 0.0
+    assert m[0]["loss_impl_fused"] == 1.0                           # the default: the fused kernel
     assert math.isfinite(m[0]["grad_norm"]) and m[0]["grad_norm"] > 0
     assert "val/loss" in m[3] and math.isfinite(m[3]["val/loss"])
     got = _weights(w1["A"] / "hf" / "step_1")
@@ -344,6 +347,7 @@ def test_resumed_run_equals_uninterrupted_run(w1):
 def test_tp2_same_loss(env, tp2, hf_ref):
     m = _metrics(tp2["dir"])
     assert len(m) == 1 and abs(m[0]["loss"] - hf_ref[0]) < TOL, (m, hf_ref[0])
+    assert m[0]["loss_impl_fused"] == 0.0                           # this launch: the readable torch path
     assert "world=2 = tp 2 x pp 1 x cp 1 x dp 1" in tp2["log"]
     got = _weights(tp2["dir"] / "hf" / "final")                      # after its one step
     for n, w in hf_ref[1].items():
