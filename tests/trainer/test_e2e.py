@@ -166,6 +166,7 @@ def test_golden_curve_tp2(uninterrupted):
         for k in ("recovery_rate", "main_accuracy", "denoise_accuracy", "fallback_count",
                   "continuation_length_mean", "time/generate", "time/reward", "time/train", "time/refit"):
             assert k in s, k
+        assert s["loss_impl_fused"] == 1.0  # the tiny config trains through the fused loss (the default)
     assert latest_step(uninterrupted) == STEPS
 
 
