@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_denoise import collectives as coll
 from megatron_denoise.config.schema import KLEstimator, LossAgg, PolicyLoss
 from megatron_denoise.core.losses import local_loss_counts, policy_loss
 
@@ -200,7 +201,7 @@ def fused_policy_loss(
         from .chunked import default_chunk_tokens
 
         c = torch.tensor([chunk_tokens or default_chunk_tokens(T, max(weight_shard.shape[0], 1))])
-        dist.all_reduce(c, op=dist.ReduceOp.MIN, group=tp_group)
+        coll.all_reduce(c, op=dist.ReduceOp.MIN, group=tp_group)
         chunk_tokens = int(c.item())
     tok, grad_h, grad_w = chunked_fused(
         hidden.detach(), weight_shard.detach(), vocab_start, targets, combine=combine, coefficients=coefficients,

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_denoise import collectives as coll
+
 # Finite stand-in for -inf as the running max of an empty (all-padding) shard or tile.
 NEG_FLOOR = -1.0e30
 
@@ -61,10 +63,10 @@ def combine_stats(stats: ShardStats, group: Optional[Any] = None) -> TokenStats:
         import torch.distributed as dist  # lazy: pure callers never import process-group code
 
         m_glob = m.clone()
-        dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
+        coll.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
         scale = torch.exp(m - m_glob)  # [T]; 0 for an all-padding shard
         packed = torch.stack([s * scale, q * scale, t])  # [3, T]: one SUM all-reduce for all three
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        coll.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         m, (s, q, t) = m_glob, packed.unbind(0)
     lse = m + torch.log(s)
     mean_logit = q / s

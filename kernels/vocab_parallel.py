@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_denoise import collectives as coll
+
 from .stats import TokenStats, combine_stats
 
 
@@ -55,7 +57,7 @@ def all_reduce_grad_hidden(grad_hidden: torch.Tensor, group: Optional[Any]) -> t
     if group is not None:
         import torch.distributed as dist
 
-        dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+        coll.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
     return grad_hidden
 
 

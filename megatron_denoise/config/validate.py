@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_denoise.config.schema import Config, Family, OptimizerName, PolicyLoss, RhoConfig, RhoStrategy, SFTConfig
+from megatron_denoise.config.schema import (Config, DType, Family, OptimizerName, PolicyLoss, RhoConfig, RhoStrategy,
+                                            RopeScaling, SFTConfig)
 from megatron_denoise.layout import ParallelLayout, check_layout
 
 def _unit(errors: list[str], key: str, value: float) -> None:
@@ -48,6 +49,13 @@ def check_model(e: list[str], m) -> None:
         e.append(f"model.moe.num_experts ({m.moe.num_experts}) must be >= 1 for model.family {m.family}")
     if m.family != Family.QWEN3_MOE and m.moe.num_experts > 0:
         e.append(f"model.moe.num_experts ({m.moe.num_experts}) > 0 needs model.family qwen3_moe (got {m.family})")
+    if m.params_dtype == DType.FLOAT16:
+        e.append("model.params_dtype (float16) is refused: the actor wires no loss scaling (megatron's "
+                 "grad_scale_func), so small float16 gradients underflow to zero and updates vanish; use bfloat16 "
+                 "(or float32)")
+    if m.rope_scaling.type is not None and m.rope_scaling.type not in (RopeScaling.LINEAR, RopeScaling.LLAMA3):
+        e.append(f"model.rope_scaling.type ({m.rope_scaling.type}) is not built by the megatron actor "
+                 f"(supported: null, linear, llama3): the model would raise at start-up")
 
 
 def check_optimizer(e: list[str], cfg) -> None:

@@ -236,26 +236,26 @@ def _here(e: Entry, shard: ShardInfo) -> tuple[int, int]:
 def _gather_tp(pieces: list[torch.Tensor], dim: Optional[int], size: int, group: Any) -> list[torch.Tensor]:
     if size == 1 or dim is None:
         return pieces
-    import torch.distributed as dist
+    from megatron_denoise import collectives as coll
 
     out = []
     for t in pieces:
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(size)]
-        dist.all_gather(parts, t, group=group)
+        coll.all_gather(parts, t, group=group)
         out.append(torch.cat(parts, dim=dim))
     return out
 
 
 def _broadcast(t: Optional[torch.Tensor], shape: tuple, dtype: torch.dtype, device: torch.device,
                src_group_rank: int, group: Any) -> torch.Tensor:
-    import torch.distributed as dist
+    from megatron_denoise import collectives as coll
 
     if t is None:
         t = torch.empty(shape, dtype=dtype, device=device)
     else:
         t = t.contiguous()
-    dist.broadcast(t, group=group, group_src=src_group_rank)
+    coll.broadcast(t, group=group, group_src=src_group_rank)
     return t
 
 

@@ -160,8 +160,10 @@ def import_hf_to_dist_checkpoint(hf_dir: str, ckpt_dir: str, groups: Any, cfg: O
     # totals over all ranks (each rank read only its slices)
     import torch
 
+    from megatron_denoise import collectives as coll
+
     totals = torch.tensor([report.tensors, report.bytes_read], dtype=torch.int64)
-    dist.all_reduce(totals)
+    coll.all_reduce(totals)
     return ImportSummary(ckpt_dir, int(totals[0]), int(totals[1]), cfg)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_denoise import collectives as coll
 from megatron_denoise.config.schema import AlgorithmConfig, Config, LossImpl, OptimizerConfig
 from megatron_denoise.megatron import batching
 from megatron_denoise.megatron.batching import ActorBatch, MicroBatch
@@ -156,7 +157,7 @@ class MegatronActor:
         bins, need = batching.plan_step(batch, dp=lay.dp, dp_rank=self.groups.dp_rank, budget=budget,
                                         multiple=self._multiple())
         sizes = torch.tensor([need, len(bins)], dtype=torch.long)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        coll.all_reduce(sizes, op=dist.ReduceOp.MAX)
         seq_len, num_mb = int(sizes[0]), int(sizes[1])
         if len(self.model) > 1:
             # the interleaved schedule runs micro-batches in groups of pp per virtual stage
@@ -170,7 +171,7 @@ class MegatronActor:
         tok = sum(float(mb.seq_num_tokens.sum()) for mb in mbs)
         seq = sum(float((mb.seq_num_tokens > 0).sum()) for mb in mbs)
         t = torch.tensor([tok, seq], dtype=torch.float64)
-        dist.all_reduce(t, group=self.groups.dp)
+        coll.all_reduce(t, group=self.groups.dp)
         return float(t[0]), float(t[1])
 
     def _iterators(self, mbs: list[MicroBatch]) -> Any:
@@ -272,8 +273,8 @@ class MegatronActor:
             self._run_schedule(mbs, loss_fn, forward_only=True)
         for m in self.model:
             m.train()
-        dist.all_reduce(logp_out)
-        dist.all_reduce(ent_out)
+        coll.all_reduce(logp_out)
+        coll.all_reduce(ent_out)
         return logp_out.float(), ent_out.float()
 
     # --------------------------------------------------------------------------------------------
@@ -367,7 +368,7 @@ class MegatronActor:
         # metric partial sums -> batch values, identical everywhere
         keys = ["loss", "pg_loss", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl", "entropy", "kl"]
         vec = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-        dist.all_reduce(vec)
+        coll.all_reduce(vec)
         metrics = {k: float(v) for k, v in zip(keys, vec)}
         if batch.ref_logprobs is None:
             metrics.pop("kl")
@@ -423,7 +424,7 @@ class MegatronActor:
         with self._router_losses_averaged(len(mbs)):
             self._run_schedule(mbs, loss_fn, forward_only=False)
         vec = torch.tensor([sums["loss"]], dtype=torch.float64)
-        dist.all_reduce(vec)
+        coll.all_reduce(vec)
         loss = float(vec[0])
         grad_norm, lr, skipped = self._apply_update(loss)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": 1.0 if skipped else 0.0,
@@ -438,7 +439,7 @@ class MegatronActor:
         self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         finite = torch.tensor([1.0 if (math.isfinite(grad_norm) and math.isfinite(loss)) else 0.0])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        coll.all_reduce(finite, op=dist.ReduceOp.MIN)
         skipped = bool(self.cfg.trainer.nan_guard and finite.item() < 1.0)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         if skipped:

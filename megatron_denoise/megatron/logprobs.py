@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_denoise import collectives as coll
 from megatron_denoise.config.schema import LossAgg, LossImpl
 from megatron_denoise.core.losses import policy_loss
 
@@ -39,7 +40,7 @@ class _AllReduceSumIdentityGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        coll.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 
     @staticmethod
@@ -71,7 +72,7 @@ def vocab_parallel_logprobs_from_logits(
     with torch.no_grad():
         m = x.max(dim=-1).values                                 # [T]
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+            coll.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
     z = x - m[:, None]
     e = torch.where(valid[None, :], torch.exp(z), torch.zeros_like(z))  # [T, V_local]
     s = _sum_over(e.sum(-1), tp_group)                           # [T]

@@ -83,11 +83,23 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from the torchrun environment if not done yet."""
     if dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    pg_backend = process_group_backend(backend, torch.cuda.is_available())
+    if "nccl" in pg_backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=pg_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def process_group_backend(backend: str, cuda: bool) -> str:
+    """The torch.distributed backend string of the default group, which megatron's groups inherit
+    (megatron creates them without a backend). With NCCL it is "cpu:gloo,cuda:nccl": the actor's
+    CPU tensors (micro-batch plans, token counts, metrics) get gloo, CUDA tensors NCCL — an
+    NCCL-only group raises "No backend type associated with device type cpu" on step 1.
+    megatron_denoise.collectives still checks every collective's device (one helper)."""
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    return backend
 
 
 def initialize(layout: Any, *, backend: str = "auto", seed: int = 1,

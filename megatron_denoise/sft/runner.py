@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_denoise import collectives as coll
 from megatron_denoise.config.schema import SFTConfig
 from megatron_denoise.sft.config import actor_config, micro_batch_tokens
 from megatron_denoise.sft.data import SFTPlan, load_examples, make_batch, plan
@@ -258,7 +259,7 @@ def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -
             if step in s.export_hf_steps:
                 export(f"step_{step}")
             flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            coll.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             if s.stop_after is not None and step - start >= s.stop_after and step < total:
                 flag.fill_(1.0)
                 stop.requested = stop.requested or "sft.stop_after"
