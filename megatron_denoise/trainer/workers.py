@@ -332,7 +332,7 @@ class PolicyGroup:
             master_port = _free_port()
             master_addr = placement.node_ip(plan.policy[0].group, plan.policy[0].bundle)  # rank 0's node
             workers = [remote.options(**placement.options(plan.policy[r])).remote(
-                cfg_dict, rank, world, master_addr, master_port, hf_path) for rank in range(world)]
+                cfg_dict, r, world, master_addr, master_port, hf_path) for r in range(world)]
             # scheduled and started within the timeout (or a named error), then the models are built
             placement.wait_ready({plan.policy[r]: w.where.remote() for r, w in enumerate(workers)})
         except BaseException:
