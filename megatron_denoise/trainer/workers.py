@@ -304,6 +304,14 @@ class EngineReplicaImpl:
             self.engine.close()
 
 
+def log_where(where: dict) -> None:
+    """One line per placed process: which GPU share it holds (on a cluster: the placement picture)."""
+    for slot, w in where.items():
+        print(f"[megatron-denoise] placed {slot.name}: node {w['node_id'][:12]}, placement group {slot.group} "
+              f"bundle {slot.bundle}, CUDA_VISIBLE_DEVICES={w['CUDA_VISIBLE_DEVICES']}, "
+              f"GPU share {w['resources'].get('GPU', 0.0):g}", flush=True)
+
+
 class PolicyGroup:
     """Fans calls out to every rank's worker; returns rank 0's answer."""
 
@@ -334,7 +342,8 @@ class PolicyGroup:
             workers = [remote.options(**placement.options(plan.policy[r])).remote(
                 cfg_dict, r, world, master_addr, master_port, hf_path) for r in range(world)]
             # scheduled and started within the timeout (or a named error), then the models are built
-            placement.wait_ready({plan.policy[r]: w.where.remote() for r, w in enumerate(workers)})
+            where = placement.wait_ready({plan.policy[r]: w.where.remote() for r, w in enumerate(workers)})
+            log_where(where)
         except BaseException:
             placement.remove()
             raise
@@ -451,8 +460,8 @@ class RolloutFleet:
                 model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots])
         fleet = cls(replicas, plan.replicas)
         try:
-            placement.wait_ready({s: h.where.remote() for slots, hs in zip(plan.replicas, replicas)
-                                  for s, h in zip(slots, hs)})
+            log_where(placement.wait_ready({s: h.where.remote() for slots, hs in zip(plan.replicas, replicas)
+                                            for s, h in zip(slots, hs)}))
             ray.get([h.setup.remote() for h in fleet.handles()])
         except BaseException:
             for h in fleet.handles():
