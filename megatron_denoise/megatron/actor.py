@@ -163,6 +163,15 @@ class MegatronActor:
             # the interleaved schedule runs micro-batches in groups of pp per virtual stage
             num_mb = batching.round_up(num_mb, lay.pp)
         mbs = batching.materialise(batch, bins, seq_len, num_mb)
+        if lay.cp > 1 and self._use_thd():
+            # THD + CP (GPU): every packed sequence split like megatron's load-balanced 2*cp
+            # split (megatron_denoise.megatron.thd_cp), one layout length for every micro-batch
+            from megatron_denoise.megatron import thd_cp
+
+            most = torch.tensor([max((len(mb.rows) for mb in mbs), default=0)], dtype=torch.long)
+            coll.all_reduce(most, op=dist.ReduceOp.MAX)
+            total = thd_cp.fixed_length(seq_len, int(most[0]), lay.cp, lay.tp)
+            return [thd_cp.split(mb, lay.cp, self.groups.cp_rank, total) for mb in mbs]
         return [batching.cp_split(mb, lay.cp, self.groups.cp_rank) for mb in mbs]
 
     def _global_counts(self, mbs: list[MicroBatch]) -> tuple[float, float]:
@@ -188,8 +197,9 @@ class MegatronActor:
         def forward_step(data_iterator: Any, model: Any):
             mb = next(data_iterator).to(device)
             if thd:  # GPU / Transformer Engine: sequence boundaries as cu_seqlens, no [S, S] mask
-                out = model(mb.tokens, mb.position_ids, None,
-                            packed_seq_params=batching.packed_seq_params(mb, device))
+                params = (mb.thd_packed_seq_params(device) if hasattr(mb, "thd_packed_seq_params")
+                          else batching.packed_seq_params(mb, device))
+                out = model(mb.tokens, mb.position_ids, None, packed_seq_params=params)
             else:    # local spec (CPU): the block-diagonal causal mask
                 out = model(mb.tokens, mb.position_ids, mb.attn_mask)
             chunk = unwrap(model)
@@ -232,13 +242,7 @@ class MegatronActor:
         """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
         from megatron_denoise.megatron.model import use_transformer_engine
 
-        if not use_transformer_engine(self.options.build):
-            return False
-        if self.groups.layout.cp > 1:
-            raise NotImplementedError(
-                "packed (THD) micro-batches with context parallelism on Transformer Engine need "
-                "per-sequence CP splitting; not implemented (CPU runs CP with the mask path)")
-        return True
+        return bool(use_transformer_engine(self.options.build))
 
     def _vocab_start(self, chunk: Any) -> int:
         return self.groups.tp_rank * (chunk.padded_vocab_size // self.groups.layout.tp)
