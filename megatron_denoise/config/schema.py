@@ -507,7 +507,8 @@ class PoolStageConfig:
     seed: int = f(0, "Sampling seed")
     dedup: bool = f(True, "Drop exact-duplicate wrong texts of a problem")
     drop_truncated: bool = f(False, "Keep length-stopped samples out of the pool")
-    max_problems: Optional[int] = f(None, "Only the first n problems")
+    max_problems: Optional[int] = f(None, "Only the first n problems (null: data.max_problems)")
+    chunk_size: int = f(64, "Problems per generate call and resume unit")
 
 
 @dataclass

@@ -136,7 +136,8 @@ def build_pool(cfg: Config, log: Callable[[str], None] = print) -> Path:
     settings = PrepareSettings(n=p.n, temperature=p.temperature, top_p=p.top_p,
                                max_tokens=p.max_tokens or cfg.data.max_response_length, seed=p.seed, dedup=p.dedup,
                                drop_truncated=p.drop_truncated, max_problems=p.max_problems or cfg.data.max_problems,
-                               engine=cfg.rollout.engine, verifier_workers=cfg.reward.num_workers)
+                               chunk_size=p.chunk_size, engine=cfg.rollout.engine,
+                               verifier_workers=cfg.reward.num_workers)
     log(f"[megatron-denoise] wrong-solution pool: weak model {model}, {settings.n} samples per problem")
     summary = prepare_pool(source, model, settings, output_dir=target.parent, progress=cfg.logging.progress, log=log)
     log(f"[megatron-denoise] pool: weak-model accuracy {summary['accuracy']:.3f}, problems with a wrong boxed "
