@@ -93,6 +93,9 @@ def check_rollout_placement(e: list[str], cfg: Config) -> None:
             e.append(f"rollout.num_gpus ({r.num_gpus}) must be a multiple of rollout.tensor_parallel_size ({tp})")
     if r.num_gpus < 0:
         e.append(f"rollout.num_gpus ({r.num_gpus}) must be >= 0")
+    elif r.num_gpus and r.colocate:
+        e.append(f"rollout.num_gpus ({r.num_gpus}) applies only with rollout.colocate false (colocated engines "
+                 f"share the actor's GPUs)")
     if r.sleep_level not in (0, 1, 2):
         e.append(f"rollout.sleep_level ({r.sleep_level}) must be one of 0, 1, 2")
     if r.refit_bucket_mb < 1:
