@@ -568,7 +568,7 @@ class SFTTrainConfig:
     bad_rows: BadRows = f(BadRows.ERROR, "A row without a solution, or longer than max_seq_length: error (list them "
                                    "all, by file and row) | skip (report them and go on)")
     nan_guard: bool = f(True, "Skip an update whose loss or grad norm is NaN/Inf, and report it")
-    loss_impl: LossImpl = f("fused", "Cross-entropy implementation: fused (the kernel's differentiable vocab-parallel "
+    loss_impl: LossImpl = f(LossImpl.FUSED, "Cross-entropy implementation: fused (the kernel's differentiable vocab-parallel "
                                      "log-probs, no [tokens, vocab] logits) | torch (shard logits, readable)")
     stop_after: Optional[int] = f(None, "Stop after this many steps of this invocation, with a checkpoint and exit "
                                         "code 75 (checkpoint.resume=auto continues; splits a run into shorter jobs)")

@@ -111,7 +111,7 @@ def measure_and_correct(train_logprobs: "torch.Tensor", engine_lp: "torch.Tensor
         metrics[pre + "tokens"] = tokens
         metrics[pre + "ratio_mean"] = float((r[sel] * mk).sum() / tokens)
         metrics[pre + "ratio_max"] = float(torch.where(mk > 0, r[sel], torch.zeros_like(mk)).max())
-        metrics[pre + "k3"] = float(k3[sel].sum() / tokens)
+        metrics[pre + KLEstimator.K3.value] = float(k3[sel].sum() / tokens)  # the key: .../k3
         metrics[pre + "frac_beyond"] = float(beyond[sel].sum() / tokens)
         if weights is not None:
             metrics[pre + "tis_clipped"] = float(((r[sel] > float(cfg.tis_cap)).to(torch.float64) * mk).sum() / tokens)
