@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_denoise import collectives as coll
-from megatron_denoise.config.schema import AlgorithmConfig, Config, LossImpl, OptimizerConfig
+from megatron_denoise.config.schema import AlgorithmConfig, Config, KLUse, LossImpl, OptimizerConfig
 from megatron_denoise.megatron import batching
 from megatron_denoise.megatron.batching import ActorBatch, MicroBatch
 from megatron_denoise.megatron.logprobs import (
@@ -342,6 +342,9 @@ class MegatronActor:
         if not algo.force_on_policy and batch.old_logprobs is None:
             raise ValueError("algorithm.force_on_policy=false needs batch.old_logprobs "
                              "(use update(), which recomputes them with the actor)")
+        if algo.kl.coef > 0 and algo.kl.use == KLUse.LOSS and batch.ref_logprobs is None:
+            raise ValueError(f"algorithm.kl.coef={algo.kl.coef} (use={algo.kl.use}) needs batch.ref_logprobs "
+                             "(compute_ref_logprobs after snapshot_reference): the KL term is never dropped")
         t0 = time.perf_counter()
         mbs = self._plan(batch)
         n_tok, n_seq = self._global_counts(mbs)
