@@ -9,6 +9,22 @@ from megatron_denoise.core.prefix import render_prompt_ids
 from megatron_denoise.core.types import Problem
 
 
+class PromptCache:
+    """Rendered prompt ids by problem uid (the chat template applied once per problem). uids are
+    unique within one set of problems only: the training stream and each validation keep their own
+    cache (a held-out file may reuse the training file's `<data_source>:<index>` uids)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._ids: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, problem: Problem) -> tuple[int, ...]:
+        ids = self._ids.get(problem.uid)
+        if ids is None:
+            ids = self._ids[problem.uid] = render_prompt_ids(self.tokenizer, problem.prompt)
+        return ids
+
+
 class ProblemStream:
     def __init__(self, problems: list[Problem], tokenizer: Any, seed: int, shuffle: bool, report: Any = None):
         from megatron_denoise.data import DataCursor
@@ -17,7 +33,7 @@ class ProblemStream:
         self.tokenizer = tokenizer
         self.cursor = DataCursor(len(problems), seed=seed, shuffle=shuffle)
         self.report = report
-        self._prompt_ids: dict[str, tuple[int, ...]] = {}
+        self.prompt_ids = PromptCache(tokenizer)  # Problem -> rendered prompt ids
         self.drawn: list[str] = []  # uids drawn by this process (tests compare runs with it)
 
     @classmethod
@@ -38,12 +54,6 @@ class ProblemStream:
         out = [self.problems[i] for i in self.cursor.next_indices(n)]
         self.drawn.extend(p.uid for p in out)
         return out
-
-    def prompt_ids(self, problem: Problem) -> tuple[int, ...]:
-        ids = self._prompt_ids.get(problem.uid)
-        if ids is None:
-            ids = self._prompt_ids[problem.uid] = render_prompt_ids(self.tokenizer, problem.prompt)
-        return ids
 
     @property
     def seen(self) -> int:

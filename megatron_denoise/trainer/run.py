@@ -70,7 +70,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
     from megatron_denoise.core.fold import hf_decoder
     from megatron_denoise.reward.pool import VerifierPool
     from megatron_denoise.trainer.observe import MetricsLogger, Progress
-    from megatron_denoise.trainer.problems import ProblemStream, load_eval_sets
+    from megatron_denoise.trainer.problems import ProblemStream, PromptCache, load_eval_sets
     from megatron_denoise.trainer.step import StepContext, train_step
     from megatron_denoise.trainer.workers import PolicyGroup, RolloutWorker, init_ray
 
@@ -115,9 +115,11 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
                           pad_id=tokenizer.pad_token_id or 0)
         validates = cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train
         eval_sets = load_eval_sets(cfg, tokenizer) if validates else {}
+        # its own prompt cache: held-out uids may equal training uids (same data_source, index)
+        eval_prompt_ids = PromptCache(tokenizer)
         held_out: dict[int, float] = {}  # step -> val/overall, for the before/after summary
         if eval_sets and cfg.trainer.val_before_train and resume_from is None:
-            before = _validate(cfg, engine, tokenizer, eval_sets, scorer, problems, 0)
+            before = _validate(cfg, engine, tokenizer, eval_sets, scorer, eval_prompt_ids, 0)
             held_out[0] = before["val/overall"]
             logger.log(0, before)
 
@@ -140,7 +142,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
             # every test_freq steps, and after the last step (the after-training figure)
             if eval_sets and ((cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0)
                               or step == cfg.trainer.total_steps):
-                metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, problems, step))
+                metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, eval_prompt_ids, step))
                 held_out[step] = metrics["val/overall"]
             logger.log(step, metrics)
             progress.update(step, metrics)
@@ -196,11 +198,11 @@ class _StepLog:
         self.fh.close()
 
 
-def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, problems, step: int) -> dict:
+def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, prompt_ids, step: int) -> dict:
     from megatron_denoise.trainer.evaluate import evaluate
 
     res = evaluate(engine, tokenizer, eval_sets, cfg.eval, scorer=scorer, max_tokens=cfg.data.max_response_length,
-                   seed=cfg.rollout.seed, prompt_ids=problems.prompt_ids)
+                   seed=cfg.rollout.seed, prompt_ids=prompt_ids)
     print(res.markdown(), flush=True)
     # per-problem scores of every validation (the science benchmark buckets them by difficulty)
     out = _path(cfg.logging.output_dir) / "eval"
