@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_denoise.config.schema import Engine
+
     ap = argparse.ArgumentParser(prog="megatron_denoise.launch.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face model folder (weights + tokenizer)")
@@ -27,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="eval set names (aime24 aime25 amc23 math500 gsm8k) or data files; default: eval.sets")
     ap.add_argument("--k", type=int, default=None, help="samples per problem for every set (default: eval.k per set)")
     ap.add_argument("--config", default=None, help="YAML config (eval, data.prompt, data lengths, rollout engine)")
-    ap.add_argument("--engine", choices=("vllm", "hf"), default=None, help="rollout engine (default: rollout.engine)")
+    ap.add_argument("--engine", choices=Engine.values(), default=None, help="rollout engine (default: rollout.engine)")
     ap.add_argument("--max-tokens", type=int, default=None, help="R: max response tokens (default: data.max_response_length)")
     ap.add_argument("--max-problems", type=int, default=None, help="first n problems of each set")
     ap.add_argument("--temperature", type=float, default=None)

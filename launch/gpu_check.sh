@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU acceptance check for users: run on ONE CUDA GPU node after `pip install -e .[gpu]`.
+# GPU acceptance check for users: run on ONE CUDA GPU node after the GPU install of README
+# ("Running on GPUs": pip install --no-build-isolation -e .[gpu]).
 # Runs tests/gpu (vLLM sleep/wake/IPC refit vs transformers, a colocated 2-step training run);
 # on a machine without a GPU every test is skipped and says why.
 set -euo pipefail

@@ -70,7 +70,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="megatron_denoise.launch.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=None, help="YAML config (default: the tiny CPU run)")
+    ap.add_argument("--config", type=Path, default=None, help="YAML config (default: the science testbed)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     ap.add_argument("--world-size", type=int, default=None, help="world size to validate against")
     ap.add_argument("--prepare-only", action="store_true",

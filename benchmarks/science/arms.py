@@ -15,28 +15,28 @@ def arm_overrides(name: str, rows: int = 8) -> list[str]:
             raise ValueError(f"arm {name}: K={k} must be in (0, {rows})")
         return [f"denoise.n_main={rows - k}", f"denoise.k_denoise={k}", *extra]
 
-    table = {
+    table = {  # values are thunks: only the chosen arm is built (and checked against `rows`)
         # the baselines and the paper's method (METHOD.md: N=12, K=4 of 16; here K = rows / 4)
-        "grpo": [f"denoise.n_main={rows}", "denoise.k_denoise=0"],
-        "denoise": denoise(rows // 4),
+        "grpo": lambda: [f"denoise.n_main={rows}", "denoise.k_denoise=0"],
+        "denoise": lambda: denoise(rows // 4),
         # K
-        "denoise-k2": denoise(2),
-        "denoise-k4": denoise(4),
+        "denoise-k2": lambda: denoise(2),
+        "denoise-k4": lambda: denoise(4),
         # the prefix ratio rho
-        "rho0.2": denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.2"),
-        "rho0.5": denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.5"),
-        "rho0.8": denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.8"),
-        "rho-uniform": denoise(rows // 4, "denoise.rho.strategy=uniform", "denoise.rho.low=0.1",
+        "rho0.2": lambda: denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.2"),
+        "rho0.5": lambda: denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.5"),
+        "rho0.8": lambda: denoise(rows // 4, "denoise.rho.strategy=fixed", "denoise.rho.value=0.8"),
+        "rho-uniform": lambda: denoise(rows // 4, "denoise.rho.strategy=uniform", "denoise.rho.low=0.1",
                                "denoise.rho.high=0.8"),
         # the partial modes (paper: shift collapses, none costs 1.8 points)
-        "shift": denoise(rows // 4, "denoise.partial_mode=shift"),
-        "none": denoise(rows // 4, "denoise.partial_mode=none"),
+        "shift": lambda: denoise(rows // 4, "denoise.partial_mode=shift"),
+        "none": lambda: denoise(rows // 4, "denoise.partial_mode=none"),
         # DAPO: dynamic sampling, clip-higher, token-level loss
-        "dapo": denoise(rows // 4, "algorithm.name=dapo", "algorithm.dynamic_sampling.enabled=true",
+        "dapo": lambda: denoise(rows // 4, "algorithm.name=dapo", "algorithm.dynamic_sampling.enabled=true",
                         "algorithm.clip_high=0.28", "algorithm.loss_agg=token-mean"),
-        "grpo-dapo": [f"denoise.n_main={rows}", "denoise.k_denoise=0", "algorithm.name=dapo",
+        "grpo-dapo": lambda: [f"denoise.n_main={rows}", "denoise.k_denoise=0", "algorithm.name=dapo",
                       "algorithm.dynamic_sampling.enabled=true", "algorithm.clip_high=0.28"],
     }
     if name not in table:
         raise ValueError(f"unknown arm {name!r}; known arms: {', '.join(table)}")
-    return table[name]
+    return table[name]()

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4, help="AVG@k samples per eval problem")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
+    args.config = args.config.resolve()  # the runs are started from the repository root
     t_start = time.time()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:

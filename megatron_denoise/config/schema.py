@@ -483,7 +483,8 @@ class TaskConfig:
 @dataclass
 class TaskStageConfig:
     enabled: bool = f(False, "Generate the train and held-out task files before training (the testbed)")
-    output_dir: str = f("runs/default/data", "Folder of the generated files: train.parquet, heldout.parquet")
+    output_dir: Optional[str] = f(None, "Folder of the generated files train.parquet, heldout.parquet (null: "
+                                  "<logging.output_dir>/data)")
     train: TaskConfig = f(factory=lambda: TaskConfig(seed=1, count=4000), doc="Training problems (also the warm-start data)")
     heldout: TaskConfig = f(factory=lambda: TaskConfig(seed=2, count=200), doc="Held-out problems, generated disjoint from train")
 

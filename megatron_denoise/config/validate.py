@@ -5,6 +5,8 @@ prints its result).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Optional
 
 from megatron_denoise.config.schema import (Config, DType, Family, OptimizerName, PolicyLoss, RhoConfig, RhoStrategy,
@@ -199,7 +201,49 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         if rows >= 1 and a.mini_batches >= 1 and rows % (a.mini_batches * lay.dp):
             e.append(f"rows per step (data.problems_per_step x (denoise.n_main + denoise.k_denoise) = {rows}) "
                      f"must be divisible by algorithm.mini_batches x dp ({a.mini_batches} x {lay.dp})")
+    check_prepare(e, cfg)
     return e
+
+
+def check_prepare(e: list[str], cfg: Config) -> None:
+    """The prepare: section (task files, warm-start, pool), checked before anything runs."""
+    from megatron_denoise.prepare.tasks import check as task_errors
+
+    p = cfg.prepare
+    if p.task.enabled:
+        e.extend(task_errors(p.task.train, "prepare.task.train"))
+        e.extend(task_errors(p.task.heldout, "prepare.task.heldout"))
+    ws = p.warm_start
+    if ws.config is not None:
+        from megatron_denoise.prepare.stage import find_config
+
+        try:
+            find_config(ws.config)
+        except FileNotFoundError as err:
+            e.append(str(err))
+        if ws.weak_step is not None and ws.weak_step < 1:
+            e.append(f"prepare.warm_start.weak_step ({ws.weak_step}) must be >= 1")
+    if p.pool.enabled:
+        if not cfg.data.train_files:
+            e.append("prepare.pool.enabled needs data.train_files[0]: the pool file the run trains on")
+        if p.pool.source is None and not p.task.enabled:
+            e.append("prepare.pool.source is null and prepare.task is off: no problems to build a pool for")
+        if p.pool.n < 1:
+            e.append(f"prepare.pool.n ({p.pool.n}) must be >= 1")
+        if p.pool.chunk_size < 1:
+            e.append(f"prepare.pool.chunk_size ({p.pool.chunk_size}) must be >= 1")
+        if p.pool.max_tokens is not None and p.pool.max_tokens < 1:
+            e.append(f"prepare.pool.max_tokens ({p.pool.max_tokens}) must be >= 1")
+        if p.pool.max_problems is not None and p.pool.max_problems < 1:
+            e.append(f"prepare.pool.max_problems ({p.pool.max_problems}) must be >= 1")
+        # the pool of <stem> is written as <stem>.with_wrong_boxed.parquet beside the run's train file
+        source = p.pool.source if p.pool.source is not None else "train.parquet"
+        stem = Path(str(source)).name
+        for ext in (".parquet", ".jsonl", ".json"):
+            stem = stem[: -len(ext)] if stem.endswith(ext) else stem
+        if cfg.data.train_files and Path(str(cfg.data.train_files[0])).name != f"{stem}.with_wrong_boxed.parquet":
+            e.append(f"data.train_files[0] ({cfg.data.train_files[0]}) is not the pool that prepare.pool builds "
+                     f"from {source} ({stem}.with_wrong_boxed.parquet)")
 
 
 def validate_sft_config(cfg: SFTConfig, world_size: Optional[int] = None) -> list[str]:

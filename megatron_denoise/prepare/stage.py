@@ -5,8 +5,10 @@
                 exporting Hugging Face folders at the weak model's step and at the end
     pool        the weak model's wrong-solution pool for the training problems (prepare/pool.py)
 
-Each step is skipped when its output is complete, so a re-run (or a resumed run) repeats nothing;
-an existing output made with other settings is refused rather than silently reused or replaced.
+Each step is skipped when its output is complete, so a re-run (or a resumed run) repeats nothing.
+Task files are regenerated and compared byte for byte: files made with other settings are refused.
+The warm-start exports and the pool are reused as found (like checkpoints, they belong to their run
+folder): after changing prepare.warm_start or prepare.pool, use a new logging.output_dir.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ def _abs(p: str | os.PathLike) -> Path:
 
 
 def task_files(cfg: Config) -> tuple[Path, Path]:
-    """(train, held-out) task files of the run."""
-    out = _abs(cfg.prepare.task.output_dir)
+    """(train, held-out) task files of the run: in prepare.task.output_dir, else <run folder>/data."""
+    out = _abs(cfg.prepare.task.output_dir or Path(cfg.logging.output_dir) / "data")
     return out / TRAIN_FILE, out / HELDOUT_FILE
 
 
@@ -37,7 +39,7 @@ def warm_start_dir(cfg: Config) -> Path:
     return _abs(cfg.logging.output_dir) / "warm_start"
 
 
-def _find_config(path: str) -> Path:
+def find_config(path: str) -> Path:
     """A config path as given, else relative to the repository (the default run's configs)."""
     p = Path(os.path.expanduser(path))
     if p.is_file():
@@ -62,8 +64,9 @@ def make_task_files(cfg: Config, log: Callable[[str], None] = print) -> tuple[Pa
     with tempfile.TemporaryDirectory(dir=train.parent) as tmp:
         fresh_train = Path(tmp) / TRAIN_FILE
         fresh_held = Path(tmp) / HELDOUT_FILE
-        write_task_file(fresh_train, t.train, cfg.data.prompt, split="train")
-        write_task_file(fresh_held, t.heldout, cfg.data.prompt, split="heldout", exclude_files=[fresh_train])
+        write_task_file(fresh_train, t.train, cfg.data.prompt, split="train", key="prepare.task.train")
+        write_task_file(fresh_held, t.heldout, cfg.data.prompt, split="heldout", exclude_files=[fresh_train],
+                        key="prepare.task.heldout")
         for fresh, final in ((fresh_train, train), (fresh_held, heldout)):
             if final.exists():
                 if final.read_bytes() != fresh.read_bytes():
@@ -98,11 +101,13 @@ def run_warm_start(cfg: Config, log: Callable[[str], None] = print) -> Path:
     if ws.weak_step is not None:
         overrides.append(f"sft.export_hf_steps=[{ws.weak_step}]")
     overrides += list(ws.overrides)
-    cmd = [sys.executable, "-m", "megatron_denoise.launch.sft", "--config", str(_find_config(ws.config)), *overrides]
+    cmd = [sys.executable, "-m", "megatron_denoise.launch.sft", "--config", str(find_config(ws.config)), *overrides]
     log(f"[megatron-denoise] warm-start: {' '.join(cmd[1:])}")
     rc = subprocess.call(cmd)
-    if rc != 0 or not (final / "config.json").is_file():
-        raise SystemExit(f"the warm-start stage failed (exit {rc}); its run folder is {out}")
+    missing = [str(p) for p in (final, weak) if p is not None and not (p / "config.json").is_file()]
+    if rc != 0 or missing:
+        raise SystemExit(f"the warm-start stage failed (exit {rc}; missing exports: {', '.join(missing) or 'none'}; "
+                         f"prepare.warm_start.weak_step must be a step the warm-start reaches); its run folder is {out}")
     return final
 
 

@@ -34,7 +34,7 @@ from typing import Iterable
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
 
 __all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors", "Bucket",
-           "stream_buckets", "bucket_tensors", "BucketStream", "DEFAULT_BUCKET_BYTES"]
+           "stream_buckets", "BucketStream", "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 _END = object()
@@ -198,11 +198,6 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
             yield Bucket(list(entries), bufs.payload(buf, path, used), used)
     finally:
         bufs.cleanup()
-
-
-def bucket_tensors(buckets) -> "Iterable[tuple[str, object]]":
-    for b in buckets:
-        yield from b.tensors()
 
 
 class BucketStream:

@@ -20,7 +20,6 @@ missing/empty or the whole row is longer than sft.max_seq_length. sft.bad_rows d
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -171,6 +170,3 @@ def plan(sft: SFTTrainConfig, rows: int, examples: Optional[Sequence[SFTExample]
     return SFTPlan(rows=rows, rows_per_step=sft.rows_per_step, total_steps=steps,
                    epochs=steps * sft.rows_per_step / max(rows, 1), tokens=tokens, loss_tokens=loss_tokens)
 
-
-def with_total_steps(sft: SFTTrainConfig, steps: int) -> SFTTrainConfig:
-    return dataclasses.replace(sft, total_steps=steps, epochs=None)

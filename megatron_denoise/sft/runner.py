@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_denoise import collectives as coll
-from megatron_denoise.config.schema import SFTConfig
+from megatron_denoise.config.schema import OptimizerName, SFTConfig
 from megatron_denoise.sft.config import actor_config, micro_batch_tokens
 from megatron_denoise.sft.data import SFTPlan, load_examples, make_batch, plan
 
@@ -216,7 +216,7 @@ def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -
         cursor = DataCursor(len(prepared.examples), seed=s.seed, shuffle=s.shuffle)
         start, resumed = 0, _latest(cfg, ckpt_dir)
         if resumed is not None:
-            if cfg.optimizer.name == "sgd":
+            if cfg.optimizer.name == OptimizerName.SGD:
                 # megatron-core 0.16.1 builds no state-init function for SGD, and its loader needs one
                 raise NotImplementedError(f"resuming {resumed} with optimizer.name=sgd: megatron-core cannot load "
                                           f"SGD optimizer state; use optimizer.name=adam or checkpoint.resume=none")

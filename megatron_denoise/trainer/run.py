@@ -166,12 +166,14 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
 
         plot_run(run.run_dir)
         outputs["plots"] = str(run.run_dir / "plots")
-        (run.run_dir / "outputs.json").write_text(json.dumps(outputs, indent=1) + "\n")
+        record = dict(outputs)
+        if held_out:  # val/overall by step (0 = before the first update)
+            record["held_out"] = {str(k): v for k, v in sorted(held_out.items())}
+        (run.run_dir / "outputs.json").write_text(json.dumps(record, indent=1) + "\n")
         if 0 in held_out and len(held_out) > 1:
             last = max(held_out)
             print(f"[megatron-denoise] held-out accuracy (val/overall): before RL {held_out[0]:.3f} -> after "
                   f"{last} steps {held_out[last]:.3f}", flush=True)
-            outputs["held_out"] = json.dumps({str(k): v for k, v in sorted(held_out.items())})
         print("[megatron-denoise] done. Written:", flush=True)
         for k, v in outputs.items():
             print(f"  {k:12s} {v}", flush=True)

@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Any, Optional
 
-from megatron_denoise.config.schema import Config
+from megatron_denoise.config.schema import Config, PartialMode
 
 
 def _free_port() -> int:
@@ -447,7 +447,7 @@ class RolloutFleet:
         placement = policy.placement
         plan = placement.plan
         max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-        if cfg.denoise.partial_mode == "none":
+        if cfg.denoise.partial_mode == PartialMode.NONE:
             max_len += cfg.data.max_response_length  # a prefix of up to R tokens plus R more
         dtype = cfg.rollout.dtype or cfg.model.params_dtype
         rc = dataclasses.asdict(cfg.rollout)

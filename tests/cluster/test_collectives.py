@@ -19,6 +19,10 @@ TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "bro
                       "isend", "irecv", "batch_isend_irecv"}
 
 
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def direct_collectives(path: Path) -> list[str]:
     """Calls like dist.all_reduce(...) / torch.distributed.broadcast(...) in one file."""
     tree = ast.parse(path.read_text())
@@ -32,9 +36,9 @@ def direct_collectives(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in TENSOR_COLLECTIVES:
             if ast.unparse(node.func.value) in aliases:
-                hits.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node.func)}")
+                hits.append(f"{_rel(path)}:{node.lineno}: {ast.unparse(node.func)}")
         if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-            hits += [f"{path.relative_to(REPO)}:{node.lineno}: from torch.distributed import {a.name}"
+            hits += [f"{_rel(path)}:{node.lineno}: from torch.distributed import {a.name}"
                      for a in node.names if a.name in TENSOR_COLLECTIVES]
     return hits
 
@@ -52,13 +56,10 @@ def test_no_collective_bypasses_the_helper():
 
 
 def test_the_scan_finds_a_direct_call(tmp_path):
-    bad = REPO / "megatron_denoise" / "_scan_probe_tmp.py"
-    try:
-        bad.write_text("import torch.distributed as dist\nfrom torch import distributed as d2\n"
-                       "def f(t):\n    dist.all_reduce(t)\n    d2.broadcast(t, 0)\n")
-        assert len(direct_collectives(bad)) == 2
-    finally:
-        bad.unlink()
+    bad = tmp_path / "probe.py"  # outside the source tree: never seen by a concurrent scan
+    bad.write_text("import torch.distributed as dist\nfrom torch import distributed as d2\n"
+                   "def f(t):\n    dist.all_reduce(t)\n    d2.broadcast(t, 0)\n")
+    assert len(direct_collectives(bad)) == 2
 
 
 def test_backend_strings():

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from megatron_denoise.rollout.refit import BucketStream, PeakRSS, bucket_tensors, stream_buckets
+from megatron_denoise.rollout.refit import BucketStream, PeakRSS, stream_buckets
 
 
 def named():

@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 from megatron_denoise.config.schema import PromptConfig, TaskConfig, TaskKind
 from megatron_denoise.prepare.tasks import arith, dial
-from megatron_denoise.prepare.tasks.base import TaskMaker, TaskProblem
+from megatron_denoise.prepare.tasks.base import DISTRACTORS, TaskMaker, TaskProblem
 
 MAKERS: dict[str, TaskMaker] = {TaskKind.ARITH.value: arith.make, TaskKind.DIAL.value: dial.make}
 DATA_SOURCE = "synthetic/{kind}"
@@ -49,12 +49,16 @@ def check(s: TaskConfig, key: str = "task") -> list[str]:
         errors.append(f"{key}.max_modulus ({s.max_modulus}) must be >= 5")
     if s.distractors < 0:
         errors.append(f"{key}.distractors ({s.distractors}) must be >= 0")
+    if s.kind != TaskKind.ARITH.value and s.distractors > len(DISTRACTORS):
+        errors.append(f"{key}.distractors ({s.distractors}) must be <= {len(DISTRACTORS)} for the dial kind "
+                      f"(distinct distractor sentences)")
     return errors
 
 
-def generate(s: TaskConfig, exclude: Iterable[str] = ()) -> list[TaskProblem]:
-    """`s.count` distinct problems (none of whose questions is in `exclude`), seeded by `s.seed`."""
-    errors = check(s)
+def generate(s: TaskConfig, exclude: Iterable[str] = (), key: str = "task") -> list[TaskProblem]:
+    """`s.count` distinct problems (none of whose questions is in `exclude`), seeded by `s.seed`.
+    `key` names the settings in errors (e.g. prepare.task.heldout)."""
+    errors = check(s, key)
     if errors:
         raise ValueError("; ".join(errors))
     rng = random.Random(f"megatron-denoise-task/{s.seed}")
@@ -70,7 +74,7 @@ def generate(s: TaskConfig, exclude: Iterable[str] = ()) -> list[TaskProblem]:
             seen.add(p.question)
             out.append(p)
     if len(out) < s.count:
-        raise ValueError(f"task: only {len(out)} distinct problems of {s.count} found with these settings "
+        raise ValueError(f"{key}: only {len(out)} distinct problems of {s.count} found with these settings "
                          f"(kind={s.kind}, steps {s.min_steps}-{s.max_steps}, max_operand {s.max_operand}); "
                          f"widen the ranges or ask for fewer")
     return out
@@ -106,13 +110,13 @@ def questions_of(paths: Iterable[str | Path]) -> set[str]:
 
 
 def write_task_file(path: str | Path, s: TaskConfig, prompt: PromptConfig = TESTBED_PROMPT, split: str = "train",
-                    exclude_files: Sequence[str | Path] = ()) -> list[TaskProblem]:
+                    exclude_files: Sequence[str | Path] = (), key: str = "task") -> list[TaskProblem]:
     """Generate and write one task file (parquet or JSONL by extension), atomically."""
     import json
 
     from megatron_denoise.data.io import write_table
 
-    problems = generate(s, exclude=questions_of(exclude_files))
+    problems = generate(s, exclude=questions_of(exclude_files), key=key)
     table = to_table(problems, prompt, split, seed=s.seed)
     path = Path(path)
     if path.suffix == ".parquet":
