@@ -275,6 +275,18 @@ class Placement:
             self._ips[key] = ray.get(probe.remote(), timeout=self.timeout_s)
         return self._ips[key]
 
+    def rendezvous(self, group: int, bundle: int = 0) -> tuple[str, int]:
+        """(IP, free TCP port) ON the node holding a bundle: a process group's or a TP engine's
+        rendezvous address must be free where its rank 0 runs, not on the driver's node."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pgs[group], placement_group_bundle_index=bundle)
+        probe = ray.remote(num_cpus=0, scheduling_strategy=strategy)(_node_ip_and_port)
+        ip, port = ray.get(probe.remote(), timeout=self.timeout_s)
+        self._ips[(group, bundle)] = ip
+        return ip, port
+
     def wait_ready(self, refs: dict, timeout_s: Optional[float] = None) -> dict:
         """Wait for {slot or name: ObjectRef of a first call}; on timeout raise PlacementError naming
         every actor that has not started, its demand and what its bundle and the cluster hold."""
@@ -316,6 +328,16 @@ def _node_ip() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _node_ip_and_port() -> tuple[str, int]:
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 def where_am_i() -> dict:

@@ -337,8 +337,8 @@ class PolicyGroup:
         try:
             remote = ray.remote(PolicyWorkerImpl)
             cfg_dict = dataclasses.asdict(cfg)
-            master_port = _free_port()
-            master_addr = placement.node_ip(plan.policy[0].group, plan.policy[0].bundle)  # rank 0's node
+            # address and a free port of rank 0's node (not the driver's)
+            master_addr, master_port = placement.rendezvous(plan.policy[0].group, plan.policy[0].bundle)
             workers = [remote.options(**placement.options(plan.policy[r])).remote(
                 cfg_dict, r, world, master_addr, master_port, hf_path) for r in range(world)]
             # scheduled and started within the timeout (or a named error), then the models are built
@@ -454,8 +454,8 @@ class RolloutFleet:
         remote = ray.remote(EngineReplicaImpl)
         replicas = []
         for j, slots in enumerate(plan.replicas):
-            addr = placement.node_ip(slots[0].group, slots[0].bundle) if len(slots) > 1 else None
-            port = _free_port()
+            addr, port = (placement.rendezvous(slots[0].group, slots[0].bundle) if len(slots) > 1
+                          else (None, _free_port()))
             replicas.append([remote.options(**placement.options(s)).remote(
                 model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots])
         fleet = cls(replicas, plan.replicas)
