@@ -42,6 +42,17 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAVE_TRITON = False
 
 
+# Precision of fp32 x fp32 `tl.dot` on GPU tensor cores (triton 3.7 `input_precision`: "ieee", "tf32"
+# or "tf32x3"; bf16/fp16 tiles ignore it, and so does the CPU interpreter, which multiplies in numpy).
+# Triton's own default is "tf32" (10-bit mantissa, ~1e-3 relative error per logit), which would break
+# the 1e-5 parity with the fp32 PyTorch reference that tests/kernels and tests/gpu claim. So "ieee"
+# by default; MDN_TRITON_DOT_PRECISION=tf32 (read at import) trades that parity for speed on fp32 models.
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+DOT_PRECISION = os.environ.get("MDN_TRITON_DOT_PRECISION", "ieee")
+if DOT_PRECISION not in DOT_PRECISIONS:
+    raise ValueError(f"MDN_TRITON_DOT_PRECISION={DOT_PRECISION!r} is not one of {' | '.join(DOT_PRECISIONS)}")
+
+
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (read at kernel decoration time, i.e. import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,7 +63,7 @@ if HAVE_TRITON:
     @triton.jit
     def _logits_tile(h_ptr, w_ptr, offs_t, offs_v, tmask, vmask, H, stride_ht, stride_hh, stride_wv,
                      stride_wh, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         """fp32 logits tile [BLOCK_T, BLOCK_V] = hidden[offs_t] @ weight[offs_v]^T (0 where masked)."""
         acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -65,14 +76,14 @@ if HAVE_TRITON:
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         return acc
 
     @triton.jit
     def _stats_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr, T, H, n_valid, vocab_start,
                       stride_ht, stride_hh, stride_wv, stride_wh,
                       WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         pid = tl.program_id(0)
         offs_t = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: T * H may exceed 2^31
         tmask = offs_t < T
@@ -85,7 +96,7 @@ if HAVE_TRITON:
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             vmask = offs_v < n_valid
             z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, tmask, vmask, H, stride_ht, stride_hh,
-                             stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST)
+                             stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
             zm = tl.where(vmask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, axis=1))
             alpha = tl.exp(m - m_new)
@@ -105,7 +116,7 @@ if HAVE_TRITON:
     def _grad_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, gh_ptr, gw_ptr,
                      T, H, n_valid, vocab_start, stride_ht, stride_hh, stride_wv, stride_wh,
                      WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         # gh_ptr: fp32 [T, H] contiguous (atomics); gw_ptr: fp32 [V_local, H] contiguous.
         pid = tl.program_id(0)
         offs_v = (pid * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # int64: V_local * H may exceed 2^31
@@ -114,7 +125,7 @@ if HAVE_TRITON:
             offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             tmask = offs_t < T
             z = _logits_tile(h_ptr, w_ptr, offs_t, offs_v, tmask, vmask, H, stride_ht, stride_hh,
-                             stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST)
+                             stride_wv, stride_wh, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
             lse = tl.load(lse_ptr + offs_t, mask=tmask, other=0.0)
             g_lp = tl.load(glp_ptr + offs_t, mask=tmask, other=0.0)
             local_tgt = tl.load(tgt_ptr + offs_t, mask=tmask, other=-1) - vocab_start
@@ -140,11 +151,11 @@ if HAVE_TRITON:
                     dz_t = dz
                 else:
                     dz_t = dz.to(a.dtype)
-                gw_tile = tl.dot(tl.trans(dz_t), a)  # [BV, BH]
+                gw_tile = tl.dot(tl.trans(dz_t), a, input_precision=DOT_PREC)  # [BV, BH]
                 gw_ptrs = gw_ptr + offs_v[:, None] * H + offs_h[None, :]
                 gw_mask = vmask[:, None] & hmask[None, :]
                 tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_mask, other=0.0) + gw_tile, mask=gw_mask)
-                gh_tile = tl.dot(dz_t, w)  # [BT, BH]
+                gh_tile = tl.dot(dz_t, w, input_precision=DOT_PREC)  # [BT, BH]
                 tl.atomic_add(gh_ptr + offs_t[:, None] * H + offs_h[None, :], gh_tile,
                               mask=tmask[:, None] & hmask[None, :])
 
@@ -187,7 +198,8 @@ def triton_stats(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, t
         _stats_kernel[(triton.cdiv(T, bt),)](
             hidden, weight, targets.long().contiguous(), out, T, H, n_valid, vocab_start,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interpreting())
+            WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interpreting(),
+            DOT_PREC=DOT_PRECISION)
     return ShardStats(max=out[0], sumexp=out[1], target=out[2], sum_pz=out[3])
 
 
@@ -211,5 +223,6 @@ def triton_grads(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, t
             hidden, weight, targets.long().contiguous(), f32(lse), f32(mean_logit), f32(g_logp), g_ent,
             grad_h, grad_w, T, H, n_valid, vocab_start,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interpreting())
+            WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interpreting(),
+            DOT_PREC=DOT_PRECISION)
     return grad_h.to(hidden.dtype), grad_w.to(weight.dtype)
