@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU acceptance check for users: run on ONE CUDA GPU node after the GPU install of README
 # ("Running on GPUs": pip install --no-build-isolation -e .[gpu]).
-# Runs tests/gpu (vLLM sleep/wake/IPC refit vs transformers, a colocated 2-step training run);
+# Runs tests/gpu (vLLM sleep/wake/IPC refit vs transformers, a colocated 2-step training run, the
+# Triton policy-loss kernels compiled for the GPU vs the PyTorch reference, one actor step with the
+# Transformer Engine spec vs the local spec on the same weights);
 # on a machine without a GPU every test is skipped and says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
