@@ -162,7 +162,8 @@ class MegatronActor:
         if len(self.model) > 1:
             # the interleaved schedule runs micro-batches in groups of pp per virtual stage
             num_mb = batching.round_up(num_mb, lay.pp)
-        mbs = batching.materialise(batch, bins, seq_len, num_mb)
+        # THD (Transformer Engine) takes cu_seqlens: no [S, S] mask per micro-batch there
+        mbs = batching.materialise(batch, bins, seq_len, num_mb, with_mask=not self._use_thd())
         if lay.cp > 1 and self._use_thd():
             # THD + CP (GPU): every packed sequence split like megatron's load-balanced 2*cp
             # split (megatron_denoise.megatron.thd_cp), one layout length for every micro-batch

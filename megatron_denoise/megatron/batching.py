@@ -12,7 +12,10 @@ micro-batches by a token budget (first-fit decreasing). One micro-batch is ONE p
     targets     [S]     token t+1 of the same sequence (0 where none)
     loss_mask   [S]     1 where targets[t] is a trained token (= row loss_mask at t + 1)
     attn_mask   [1, 1, S, S] bool, True = masked: block-diagonal causal (a token sees only
-                earlier tokens of its own sequence; padding sees itself)
+                earlier tokens of its own sequence; padding sees itself). Built only for the
+                local spec (with_mask=True); None on the THD path, where Transformer Engine
+                takes the sequence boundaries as cu_seqlens (an [S, S] mask is S^2 bytes per
+                micro-batch: 256 MiB at S = 16K)
 
 This is sequence packing on every backend: on CPU the local attention takes the block-diagonal
 mask (RoPE depends only on position differences, so a sequence's attention is the same wherever
@@ -95,7 +98,7 @@ class ActorBatch:
 class MicroBatch:
     tokens: torch.Tensor        # [1, S] long
     position_ids: torch.Tensor  # [1, S] long, restarting at 0 for each sequence
-    attn_mask: torch.Tensor     # [1, 1, S, S] bool, True = masked
+    attn_mask: Optional[torch.Tensor]  # [1, 1, S, S] bool, True = masked; None on the THD path
     segment: torch.Tensor       # [S] long, -1 on padding
     targets: torch.Tensor       # [S] long
     loss_mask: torch.Tensor     # [S] float
@@ -173,8 +176,9 @@ def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
-def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int) -> MicroBatch:
-    """Pack `rows` of `batch` into one row of length seq_len (see the module docstring)."""
+def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int, with_mask: bool = True) -> MicroBatch:
+    """Pack `rows` of `batch` into one row of length seq_len (see the module docstring).
+    with_mask=False: no [S, S] attention mask (attn_mask None; the THD path)."""
     s = seq_len
     tokens = torch.zeros(s, dtype=torch.long)
     pos = torch.zeros(s, dtype=torch.long)
@@ -210,27 +214,34 @@ def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int) -> Micro
         off += n
     if off > s:
         raise ValueError(f"rows {rows} hold {off} tokens, more than the micro-batch length {s}")
-    # block-diagonal causal mask; padding (segment -1) attends only to itself
-    seg_q = segment[:, None]
-    seg_k = segment[None, :]
-    causal = torch.arange(s)[None, :] > torch.arange(s)[:, None]
-    same = (seg_q == seg_k) & (seg_q >= 0)
-    eye = torch.eye(s, dtype=torch.bool)
-    masked = ~((same & ~causal) | eye)
-    return MicroBatch(tokens=tokens[None], position_ids=pos[None], attn_mask=masked[None, None],
+    masked = block_causal_mask(segment)[None, None] if with_mask else None
+    return MicroBatch(tokens=tokens[None], position_ids=pos[None], attn_mask=masked,
                       segment=segment, targets=targets, loss_mask=loss_mask, advantages=adv,
                       old_logprobs=old, ref_logprobs=ref,
                       seq_num_tokens=torch.tensor(seq_tokens, dtype=torch.float32),
                       rows=list(rows), starts=starts, lengths=lens, is_weights=isw)
 
 
-def empty_micro_batch(seq_len: int, with_old: bool, with_ref: bool, with_is: bool = False) -> MicroBatch:
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[S, S] bool, True = masked: block-diagonal causal over `segment` (a token sees earlier
+    tokens of its own sequence; padding, segment -1, sees only itself)."""
+    s = segment.shape[0]
+    seg_q = segment[:, None]
+    seg_k = segment[None, :]
+    causal = torch.arange(s)[None, :] > torch.arange(s)[:, None]
+    same = (seg_q == seg_k) & (seg_q >= 0)
+    eye = torch.eye(s, dtype=torch.bool)
+    return ~((same & ~causal) | eye)
+
+
+def empty_micro_batch(seq_len: int, with_old: bool, with_ref: bool, with_is: bool = False,
+                      with_mask: bool = True) -> MicroBatch:
     """A micro-batch with no sequences (every position is padding, loss mask 0): keeps the
     number of micro-batches equal across data-parallel ranks (MoE collectives span them)."""
     s = seq_len
-    eye = torch.eye(s, dtype=torch.bool)
+    mask = (~torch.eye(s, dtype=torch.bool))[None, None] if with_mask else None
     return MicroBatch(tokens=torch.zeros(1, s, dtype=torch.long), position_ids=torch.zeros(1, s, dtype=torch.long),
-                      attn_mask=(~eye)[None, None], segment=torch.full((s,), -1, dtype=torch.long),
+                      attn_mask=mask, segment=torch.full((s,), -1, dtype=torch.long),
                       targets=torch.zeros(s, dtype=torch.long), loss_mask=torch.zeros(s), advantages=torch.zeros(s),
                       old_logprobs=torch.zeros(s) if with_old else None,
                       ref_logprobs=torch.zeros(s) if with_ref else None,
@@ -261,7 +272,7 @@ def cp_split(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
         return None if x is None else x[keep]
 
     return MicroBatch(tokens=mb.tokens[:, keep], position_ids=mb.position_ids[:, keep],
-                      attn_mask=mb.attn_mask[:, :, keep, :], segment=take(mb.segment), targets=take(mb.targets),
+                      attn_mask=None if mb.attn_mask is None else mb.attn_mask[:, :, keep, :], segment=take(mb.segment), targets=take(mb.targets),
                       loss_mask=take(mb.loss_mask), advantages=take(mb.advantages),
                       old_logprobs=take(mb.old_logprobs), ref_logprobs=take(mb.ref_logprobs),
                       seq_num_tokens=mb.seq_num_tokens, rows=mb.rows, starts=mb.starts, lengths=mb.lengths,
@@ -289,11 +300,14 @@ def plan_step(batch: ActorBatch, *, dp: int, dp_rank: int, budget: int, multiple
     return bins, round_up(max(need, 1), multiple)
 
 
-def materialise(batch: ActorBatch, bins: list[list[int]], seq_len: int, num_micro_batches: int) -> list[MicroBatch]:
-    mbs = [build_micro_batch(batch, b, seq_len) for b in bins]
+def materialise(batch: ActorBatch, bins: list[list[int]], seq_len: int, num_micro_batches: int,
+                with_mask: bool = True) -> list[MicroBatch]:
+    """The micro-batches of `bins`, padded with empty ones to `num_micro_batches`. with_mask=False
+    (the THD / Transformer Engine path): no [S, S] attention masks are built."""
+    mbs = [build_micro_batch(batch, b, seq_len, with_mask) for b in bins]
     while len(mbs) < num_micro_batches:
         mbs.append(empty_micro_batch(seq_len, batch.old_logprobs is not None, batch.ref_logprobs is not None,
-                                     batch.is_weights is not None))
+                                     batch.is_weights is not None, with_mask))
     return mbs
 
 

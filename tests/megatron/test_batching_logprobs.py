@@ -168,3 +168,44 @@ def test_llama3_rope_frequencies_follow_hugging_face():
             s = (2048 / wl - 1.0) / (4.0 - 1.0)
             want = (1 - s) * f / 32.0 + s * f
         assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_thd_micro_batches_carry_no_mask_and_are_otherwise_the_local_ones():
+    b = small_batch()
+    bins, need = batching.plan_step(b, dp=1, dp_rank=0, budget=6, multiple=4)
+    local = batching.materialise(b, bins, need, num_micro_batches=len(bins) + 1)
+    thd = batching.materialise(b, bins, need, num_micro_batches=len(bins) + 1, with_mask=False)
+    assert all(m.attn_mask is None for m in thd)
+    assert all(m.attn_mask is not None and m.attn_mask.shape == (1, 1, need, need) for m in local)
+    for a, c in zip(local, thd):
+        for k, v in vars(a).items():
+            if k != "attn_mask":
+                assert (torch.equal(v, vars(c)[k]) if torch.is_tensor(v) else v == vars(c)[k]), k
+    # the local mask is the hand-derived block-diagonal causal one (padding sees only itself)
+    assert torch.equal(local[0].attn_mask[0, 0], batching.block_causal_mask(local[0].segment))
+    assert batching.cp_split(thd[0], 2, 1).attn_mask is None
+
+
+def test_actor_plan_builds_masks_only_for_the_local_spec(monkeypatch):
+    """MegatronActor._plan on one rank: the THD path (Transformer Engine) gets no [S, S] mask, the
+    local spec's micro-batches are unchanged (the MAX all-reduces of one rank are the identity)."""
+    from types import SimpleNamespace
+
+    from megatron_denoise.megatron import actor as actor_mod
+    from megatron_denoise.megatron.actor import MegatronActor
+
+    monkeypatch.setattr(actor_mod.coll, "all_reduce", lambda t, **kw: None)
+    b = small_batch()
+    lay = SimpleNamespace(dp=1, tp=1, cp=1, pp=1)
+    for thd in (False, True):
+        fake = SimpleNamespace(groups=SimpleNamespace(layout=lay, dp_rank=0, cp_rank=0), model=[None],
+                               cfg=SimpleNamespace(trainer=SimpleNamespace(micro_batch_tokens=6)),
+                               _multiple=lambda: 1, _use_thd=lambda thd=thd: thd)
+        mbs = MegatronActor._plan(fake, b)
+        want = batching.materialise(b, *batching.plan_step(b, dp=1, dp_rank=0, budget=6, multiple=1),
+                                    num_micro_batches=len(mbs))
+        assert [m.rows for m in mbs] == [m.rows for m in want]
+        if thd:
+            assert all(m.attn_mask is None for m in mbs)
+        else:
+            assert all(torch.equal(m.attn_mask, w.attn_mask) for m, w in zip(mbs, want))
