@@ -154,6 +154,10 @@ def plot(results: dict, out: Path) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
+        if key == "val/overall":  # the warm-start's held-out accuracy, before any RL step
+            before = sum(b["avg"] for b in results["baseline"].values()) / len(results["baseline"])
+            ax.axhline(before, color="gray", linestyle="--", label="warm-start (before RL)")
+            ax.legend()
         ax.set_title(title + (" (5-step moving average)" if key != "val/overall" else ""))
         ax.set_xlabel("step")
         ax.legend()

@@ -239,6 +239,15 @@ class MegatronActor:
             for k, v in saved.items():
                 setattr(c, k, v)
 
+    def _forward_backward(self, mbs: list[MicroBatch], loss_fn: Any) -> None:
+        """Gradients zeroed, then forward and backward of every micro-batch through megatron's
+        schedule (MoE router losses averaged over micro-batches and DP ranks)."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with self._router_losses_averaged(len(mbs)):
+            self._run_schedule(mbs, loss_fn, forward_only=False)
+
     def _use_thd(self) -> bool:
         """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
         from megatron_denoise.megatron.model import use_transformer_engine
@@ -367,11 +376,7 @@ class MegatronActor:
                     sums[k] = sums.get(k, 0.0) + float(v)
             return loss, torch.tensor(int(mb.loss_mask.sum()), dtype=torch.int), {}
 
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        with self._router_losses_averaged(len(mbs)):
-            self._run_schedule(mbs, loss_fn, forward_only=False)
+        self._forward_backward(mbs, loss_fn)
 
         # metric partial sums -> batch values, identical everywhere
         keys = ["loss", "pg_loss", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl", "entropy", "kl"]
@@ -426,11 +431,7 @@ class MegatronActor:
                 sums["loss"] += float(loss.detach())
             return loss, torch.tensor(int(mb.loss_mask.sum()), dtype=torch.int), {}
 
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        with self._router_losses_averaged(len(mbs)):
-            self._run_schedule(mbs, loss_fn, forward_only=False)
+        self._forward_backward(mbs, loss_fn)
         vec = torch.tensor([sums["loss"]], dtype=torch.float64)
         coll.all_reduce(vec)
         loss = float(vec[0])
