@@ -122,6 +122,8 @@ def summarise_run(run: Path, eval_sets: list[str]) -> dict:
         "train_accuracy_first10": sum(r["accuracy"] for r in rows[:10]) / max(1, len(rows[:10])),
         "train_accuracy_last10": sum(r["accuracy"] for r in last) / max(1, len(last)),
         "step_seconds": sum(r.get("time/step", 0.0) for r in rows) / max(1, len(rows)),
+        "run_minutes": (float((run / "science_seconds.txt").read_text()) / 60
+                        if (run / "science_seconds.txt").is_file() else float("nan")),
         "curves": {k: [(int(r["step"]), r[k]) for r in _metrics(run) if isinstance(r.get(k), (int, float))]
                    for k, _ in CURVES},
     }
@@ -209,7 +211,10 @@ def report(results: dict, out: Path, pngs: list[Path]) -> str:
         for seed, r in seeds.items():
             lines.append(f"- {arm} seed {seed}: " + ", ".join(f"{_stem(s)} {100 * r['final'][_stem(s)]['avg']:.1f}"
                                                              for s in sets))
-    lines += ["", f"Wall time: {results['wall_minutes']:.1f} min (preparation {results['prepare_minutes']:.1f} min).", ""]
+    run_minutes = sum(r["run_minutes"] for seeds in results["arms"].values() for r in seeds.values())
+    lines += ["", f"Wall time of this invocation: {results['wall_minutes']:.1f} min (preparation "
+              f"{results['prepare_minutes']:.1f} min; runs made earlier are reused). The runs' own times add up to "
+              f"{run_minutes:.1f} min.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         *arm_overrides(arm, args.rows)]
                 secs = _run([py, "-m", "megatron_denoise.launch.train", "--config", str(args.config), *base_over, *over],
                             out / "logs" / f"{arm}-seed{seed}.log")
+                (run / "science_seconds.txt").write_text(f"{secs:.1f}\n")  # a re-run of the command reports it
                 print(f"[science]   done in {secs / 60:.1f} min", flush=True)
             results["arms"].setdefault(arm, {})[seed] = summarise_run(run, eval_sets)
     results["prepare_minutes"] = prepare_minutes
