@@ -162,6 +162,11 @@ def test_old_layout_hang_is_a_named_error_within_the_timeout(fake_gpu_cluster):
     remote = ray.remote(PlacementProbe)
     actors = {s: remote.options(**live.options(s)).remote() for s in plan.slots()}
     try:
+        # the policy rank gets its whole GPU and starts (given time: a loaded machine starts actors
+        # slowly); only then is the engine's wait timed, so the error can only name the engine
+        policy = [a for s, a in actors.items() if s.role == "policy"]
+        assert policy, "the old layout has a policy rank"
+        ray.get([a.where.remote() for a in policy], timeout=120)
         t0 = time.monotonic()
         with pytest.raises(PlacementError) as err:
             live.wait_ready({s: a.where.remote() for s, a in actors.items()}, timeout_s=8)
