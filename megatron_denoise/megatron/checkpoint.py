@@ -177,6 +177,19 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     return path
 
 
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    """What `checkpoint.resume` names: None for "none" (or "auto" with nothing saved yet), the
+    newest complete checkpoint under `ckpt_dir` for "auto", else the given checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
+    p = Path(os.path.expanduser(resume)).resolve()
+    if not (p / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
+    return p
+
+
 def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Optional[bool] = None,
                     load_rng: Optional[bool] = None) -> dict:
     """Load a checkpoint folder (or a root holding `latest`) into `actor`.

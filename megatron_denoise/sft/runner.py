@@ -157,20 +157,6 @@ def _spawned(rank: int, cfg: SFTConfig, prepared: Prepared, world_size: int, por
 # one rank
 
 
-def _latest(cfg: SFTConfig, ckpt_dir: Path) -> Optional[Path]:
-    from megatron_denoise.megatron.checkpoint import latest_checkpoint
-
-    r = cfg.checkpoint.resume
-    if r == "none":
-        return None
-    if r == "auto":
-        return latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    p = _path(r)
-    if not (p / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
-    return p
-
-
 def _line(step: int, total: int, m: dict, dt: float) -> str:
     return (f"[sft] step {step}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
             f" | {m['tokens'] / max(dt, 1e-9):.0f} tok/s | {dt:.2f} s/step" + (" | SKIPPED (NaN/Inf)" if m["skipped"] else ""))
@@ -214,7 +200,9 @@ def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -
         actor = MegatronActor(actor_config(cfg, total), groups, ActorOptions(total_steps_for_schedule=total))
         load_hf_into_actor(actor, prepared.hf_path)
         cursor = DataCursor(len(prepared.examples), seed=s.seed, shuffle=s.shuffle)
-        start, resumed = 0, _latest(cfg, ckpt_dir)
+        from megatron_denoise.megatron.checkpoint import resolve_resume
+
+        start, resumed = 0, resolve_resume(cfg.checkpoint.resume, ckpt_dir)
         if resumed is not None:
             if cfg.optimizer.name == OptimizerName.SGD:
                 # megatron-core 0.16.1 builds no state-init function for SGD, and its loader needs one

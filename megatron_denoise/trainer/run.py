@@ -51,19 +51,6 @@ class Run:
                 print(f"[megatron-denoise] while shutting down: {e!r}", file=sys.stderr)
 
 
-def _latest(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
-    from megatron_denoise.megatron.checkpoint import latest_checkpoint
-
-    if cfg.checkpoint.resume == "none":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    p = _path(cfg.checkpoint.resume)
-    if not (p / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
-    return p
-
-
 def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tuple = ()) -> int:
     from transformers import AutoTokenizer
 
@@ -96,7 +83,9 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
 
         # resume: weights + optimizer + RNG in the actor; data cursor and metrics step here
         start = 0
-        resume_from = _latest(cfg, run.ckpt_dir)
+        from megatron_denoise.megatron.checkpoint import resolve_resume
+
+        resume_from = resolve_resume(cfg.checkpoint.resume, run.ckpt_dir)
         if resume_from is not None:
             meta = policy.load(str(resume_from))
             start = int(meta["step"])
