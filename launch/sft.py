@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", type=Path, required=True, help="YAML config (an SFTConfig)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the layout and plan; start nothing")
     ap.add_argument("--world-size", type=int, default=None, help="processes (default: cluster.num_nodes x gpus_per_node)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show everything on the console (default: third-party warnings and logs go to "
+                         "<logging.output_dir>/logs/driver.log)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.total_steps=100")
     return ap.parse_args(argv)
 
@@ -45,7 +48,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(runner.dry_run(cfg, world_size))
         return 0
-    return runner.run(cfg, world_size)
+    from megatron_denoise.console import quiet_console
+
+    with quiet_console(cfg.logging.output_dir, verbose=args.verbose):
+        return runner.run(cfg, world_size)
 
 
 if __name__ == "__main__":

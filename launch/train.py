@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--world-size", type=int, default=None, help="world size to validate against")
     ap.add_argument("--prepare-only", action="store_true",
                     help="carry out the prepare: section (task files, warm-start, pool) and stop before training")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show everything on the console (default: third-party warnings and logs go to "
+                         "<run>/logs/<process>.log; the console shows the run's own lines and progress bars)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. denoise.k_denoise=4")
     return ap.parse_args(argv)
 
@@ -91,14 +94,19 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dry_run(cfg, world_size))
         return 0
-    from megatron_denoise.prepare.stage import prepare_run
+    from megatron_denoise.console import quiet_console
 
-    prepare_run(cfg)  # task files, warm-start, weak-model pool: each skipped when already done
-    if args.prepare_only:
-        return 0
-    from megatron_denoise.trainer.run import run_training  # heavy: engines load from here on
+    with quiet_console(cfg.logging.output_dir, verbose=args.verbose) as log_file:
+        if log_file is not None:
+            print(f"[megatron-denoise] warnings and library logs: {log_file.parent}/", flush=True)
+        from megatron_denoise.prepare.stage import prepare_run
 
-    return run_training(cfg, config_path=path, overrides=args.overrides)
+        prepare_run(cfg)  # task files, warm-start, weak-model pool: each skipped when already done
+        if args.prepare_only:
+            return 0
+        from megatron_denoise.trainer.run import run_training  # heavy: engines load from here on
+
+        return run_training(cfg, config_path=path, overrides=args.overrides)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ entry: `wrong_answer_finish_reason` (list<string>) and `wrong_answer_num_tokens`
 Options the reference lacks: `dedup` (drop exact-duplicate texts of a problem; on by default) and
 `drop_truncated` (drop length-stopped samples); both report what they removed.
 
+The weak model's verified CORRECT samples land in `correct_answer_with_boxed` (list<string>, sample
+order, the same dedup / drop_truncated rules), for denoise.prefix_kind correct. That column is built
+at assembly from the per-chunk rollout logs, so the parts and the wrong-pool columns are exactly
+what they were before it existed, and a pool prepared earlier gains it on re-assembly.
+
 Resumability: problems are processed in chunks; each finished chunk is committed by atomically
 renaming its parquet part into <work>/parts/ (its log and stats are written before, so a part
 that exists is complete). A re-run after a kill skips committed chunks and redoes only the one
@@ -36,8 +41,11 @@ from megatron_denoise.core.types import RolloutRequest, RowKind
 from megatron_denoise.data.schema import POOL as POOL_COLUMN  # "wrong_answer_with_boxed", list<string>
 FINISH_COLUMN = "wrong_answer_finish_reason"
 LENGTH_COLUMN = "wrong_answer_num_tokens"
+# verified correct samples (denoise.prefix_kind correct, denoise.correct_pool_column): list<string>,
+# same rules as the wrong pool (parseable box, judged correct; dedup / drop_truncated alike)
+CORRECT_COLUMN = "correct_answer_with_boxed"
 
-__all__ = ["PrepareSettings", "prepare_pool", "output_paths", "resolve_input", "POOL_COLUMN"]
+__all__ = ["PrepareSettings", "prepare_pool", "output_paths", "resolve_input", "POOL_COLUMN", "CORRECT_COLUMN"]
 
 
 @dataclass
@@ -232,7 +240,8 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
     table, rows = _read_problems(input_path, settings.max_problems)
     if POOL_COLUMN in table.column_names:
         log(f"note: {input_path} already has a {POOL_COLUMN!r} column; it is replaced")
-        table = table.drop_columns([c for c in (POOL_COLUMN, FINISH_COLUMN, LENGTH_COLUMN) if c in table.column_names])
+        table = table.drop_columns([c for c in (POOL_COLUMN, FINISH_COLUMN, LENGTH_COLUMN, CORRECT_COLUMN)
+                                    if c in table.column_names])
 
     manifest = settings.fingerprint(model, input_path, rows)
     manifest_path = work / "manifest.json"
@@ -280,6 +289,10 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
     out = pa.concat_tables(tables) if tables else table
     if out.num_rows != len(rows):
         raise RuntimeError(f"prepare_data: assembled {out.num_rows} rows from {len(tables)} parts, expected {len(rows)}")
+    if CORRECT_COLUMN in out.column_names:  # an input that carried one: rebuilt from this run's samples
+        out = out.drop_columns([CORRECT_COLUMN])
+    correct = _correct_pools([parts / f"log-{c:05d}.jsonl" for c in range(len(chunks))], settings)
+    out = out.append_column(CORRECT_COLUMN, pa.array(correct, type=pa.list_(pa.string())))
     final_path.parent.mkdir(parents=True, exist_ok=True)
     _write_parquet_atomic(out, final_path)
     logs = b"".join((parts / f"log-{c:05d}.jsonl").read_bytes() for c in range(len(chunks)))
@@ -289,12 +302,34 @@ def prepare_pool(input_path: str | os.PathLike, model: str, settings: PrepareSet
         stats.update(json.loads((parts / f"stats-{c:05d}.json").read_text()))
     summary = _summary(stats, out.column(POOL_COLUMN).to_pylist(), settings, model, input_path, final_path,
                        time.perf_counter() - t_start)
+    summary["correct_entries"] = sum(len(c) for c in correct)
+    summary["share_with_correct"] = sum(1 for c in correct if c) / max(len(correct), 1)
     _write_atomic(work / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     log(f"wrote {final_path} ({out.num_rows} problems), {work / 'rollouts.jsonl'}, {work / 'summary.json'}")
     log(f"accuracy {summary['accuracy']:.3f}, problems with >=1 wrong-with-box "
         f"{summary['share_with_wrong_boxed']:.3f}, extraction rate {summary['extraction_rate']:.3f}; "
         f"removed {summary['removed_duplicates']} duplicates, {summary['removed_truncated']} truncated")
     return summary
+
+
+def _correct_pools(log_paths: Sequence[Path], s: PrepareSettings) -> list[list[str]]:
+    """Per problem, in row order: the texts of its samples judged correct (from the rollout logs),
+    with the wrong pool's rules: truncated ones dropped with drop_truncated, duplicates with dedup."""
+    pools: list[list[str]] = []
+    for path in log_paths:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            pool, seen = [], set()
+            for smp in json.loads(line)["samples"]:
+                if not smp["correct"] or (s.drop_truncated and smp["finish_reason"] == "length"):
+                    continue
+                if s.dedup and smp["text"].strip() in seen:
+                    continue
+                seen.add(smp["text"].strip())
+                pool.append(smp["text"])
+            pools.append(pool)
+    return pools
 
 
 def _make_engine(model: str, s: PrepareSettings, max_model_len: int, work: Path):
@@ -313,7 +348,10 @@ def _run_chunks(todo, chunks, rows, prompt_ids, table, engine, tokenizer, scorer
     from megatron_denoise.data.schema import with_pool_column
 
     total = sum(chunks[c][1] - chunks[c][0] for c in todo)
-    bar = tqdm(total=total, unit="problem", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    from megatron_denoise.console import bar_stream
+
+    bar = tqdm(total=total, unit="problem", desc="wrong-solution pool", disable=not progress, file=bar_stream(),
+               dynamic_ncols=True)
     t0, tokens, done = time.perf_counter(), 0, 0
     for written, c in enumerate(todo, start=1):
         a, b = chunks[c]

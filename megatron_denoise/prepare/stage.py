@@ -13,6 +13,7 @@ folder): after changing prepare.warm_start or prepare.pool, use a new logging.ou
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,12 +104,57 @@ def run_warm_start(cfg: Config, log: Callable[[str], None] = print) -> Path:
     overrides += list(ws.overrides)
     cmd = [sys.executable, "-m", "megatron_denoise.launch.sft", "--config", str(find_config(ws.config)), *overrides]
     log(f"[megatron-denoise] warm-start: {' '.join(cmd[1:])}")
-    rc = subprocess.call(cmd)
+    rc = _run_child(cmd, "warm_start", log)
     missing = [str(p) for p in (final, weak) if p is not None and not (p / "config.json").is_file()]
     if rc != 0 or missing:
         raise SystemExit(f"the warm-start stage failed (exit {rc}; missing exports: {', '.join(missing) or 'none'}; "
                          f"prepare.warm_start.weak_step must be a step the warm-start reaches); its run folder is {out}")
     return final
+
+
+_STEP = re.compile(rb"\[sft\] step (\d+)/(\d+) ")
+
+
+def _run_child(cmd: list[str], name: str, log: Callable[[str], None]) -> int:
+    """Run the warm-start. Verbose (or outside a quiet console): its output as it comes. Otherwise
+    its whole output goes to <run>/logs/<name>.log and the console shows a progress bar over its
+    `[sft] step n/N` lines; on failure the log's last lines are shown with the file's name."""
+    import time
+
+    from megatron_denoise import console
+
+    logs = console.log_dir()
+    if logs is None:
+        return subprocess.call(cmd)
+    path = logs / f"{name}.log"
+    log(f"[megatron-denoise] warm-start output: {path}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", desc="warm-start", file=console.bar_stream(), dynamic_ncols=True)
+    with open(path, "ab") as out, open(path, "rb") as tail:
+        tail.seek(0, os.SEEK_END)
+        proc = subprocess.Popen([*cmd, "--verbose"], stdout=out, stderr=subprocess.STDOUT)
+        seen, pending = 0, b""
+        if True:
+            while True:
+                rc = proc.poll()
+                pending += tail.read()
+                done, _, pending = pending.rpartition(b"\n")  # whole lines only
+                for m in _STEP.finditer(done):
+                    step, total = int(m.group(1)), int(m.group(2))
+                    if bar.total != total:
+                        bar.total = total
+                    bar.update(step - seen)
+                    seen = step
+                if rc is not None:
+                    break
+                time.sleep(0.5)
+    bar.close()
+    if rc != 0:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()[-25:]
+        log(f"[megatron-denoise] the warm-start exited with code {rc}; the last lines of {path}:\n  "
+            + "\n  ".join(lines))
+    return rc
 
 
 def build_pool(cfg: Config, log: Callable[[str], None] = print) -> Path:

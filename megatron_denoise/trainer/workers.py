@@ -49,11 +49,16 @@ def init_ray(cfg: Config, run_dir: str) -> None:
 
     if ray.is_initialized():
         return
+    from megatron_denoise.console import log_dir
+
+    # quiet console: each worker writes its own <run>/logs/<worker>.log (redirect_worker_output);
+    # --verbose: Ray forwards every worker line to the driver's console
+    log_to_driver = log_dir() is None
     addr = ray_address()
     env = {"env_vars": {k: v for k, v in os.environ.items()
                         if k.startswith(("MDN_", "VLLM_", "OMP_", "HF_", "TRITON_", "PYTHONPATH"))}}
     if addr:
-        ray.init(address=addr, runtime_env=env, log_to_driver=True)
+        ray.init(address=addr, runtime_env=env, log_to_driver=log_to_driver)
     else:
         # local: logical CPUs are scheduling tokens; each rank and the engine need one
         # MDN_RAY_TMPDIR: a private session folder (tests use it to find and stop a killed run's Ray)
@@ -61,7 +66,7 @@ def init_ray(cfg: Config, run_dir: str) -> None:
         # `ray start` left on this machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus
         # (engines that are not colocated take a CPU token each: 2 x world)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2 * cfg.cluster.world_size + 2), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
+                 runtime_env=env, log_to_driver=log_to_driver, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
 
 
 class PolicyWorkerImpl:
@@ -69,6 +74,9 @@ class PolicyWorkerImpl:
 
     def __init__(self, cfg_dict: dict, rank: int, world_size: int, master_addr: str, master_port: int,
                  hf_path: str) -> None:
+        from megatron_denoise.console import redirect_worker_output
+
+        redirect_worker_output(f"policy_rank{rank}")  # before anything imports and warns
         self._args = (cfg_dict, rank, world_size, master_addr, master_port, hf_path)
         self.rank = rank
 
@@ -202,6 +210,9 @@ class EngineReplicaImpl:
     def __init__(self, model_path: str, rollout_cfg_dict: dict, max_model_len: int, run_dir: str,
                  dtype: Optional[str], replica: int, tp_rank: int, tp_size: int, master_addr: Optional[str],
                  master_port: int) -> None:
+        from megatron_denoise.console import redirect_worker_output
+
+        redirect_worker_output(f"rollout_{replica}_{tp_rank}")  # before vLLM is imported
         self._args = (model_path, rollout_cfg_dict, max_model_len, run_dir, dtype)
         self.replica, self.tp_rank, self.tp_size = replica, tp_rank, tp_size
         self._rendezvous = (master_addr, master_port)

@@ -1,0 +1,154 @@
+"""The readable console (issue 17): third-party output goes to <run>/logs/, the run's own lines and
+progress bars reach the person, --verbose shows everything. Each case runs a small script in a
+fresh interpreter (the filter moves file descriptors 1 and 2) and reads what it printed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+DRIVER = textwrap.dedent(r"""
+    import logging, os, subprocess, sys, warnings
+    from megatron_denoise.console import bar_stream, quiet_console
+    run_dir, verbose = sys.argv[1], sys.argv[2] == "1"
+    with quiet_console(run_dir, verbose=verbose):
+        print("OURS: step 1/1")
+        warnings.warn("THIRD-PARTY FutureWarning", FutureWarning)
+        logging.getLogger("vllm.platforms").warning("THIRD-PARTY vllm logger")
+        logging.getLogger("ray").info("THIRD-PARTY ray info")
+        os.write(1, b"THIRD-PARTY C-level stdout\n")
+        os.write(2, b"THIRD-PARTY C-level stderr\n")
+        # a process started by the driver (a verifier worker, a worker of the engine)
+        subprocess.run([sys.executable, "-c", "import sys; print('THIRD-PARTY child stdout'); "
+                        "sys.stderr.write('THIRD-PARTY child stderr\\n')"], check=True)
+        # a worker: what Ray's actors call first (MDN_LOG_DIR is exported to them)
+        subprocess.run([sys.executable, "-c", "import warnings\n"
+                        "from megatron_denoise.console import redirect_worker_output\n"
+                        "redirect_worker_output('policy_rank0')\n"
+                        "warnings.warn('THIRD-PARTY worker UserWarning')\nprint('THIRD-PARTY worker print')"],
+                       check=True)
+        bar_stream().write("BAR 50%\r")
+        bar_stream().flush()
+    print("OURS: after the filter")
+    raise SystemExit("OURS: a fatal error is seen")
+""")
+
+
+def run_driver(tmp_path: Path, verbose: bool) -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp_path / ("v" if verbose else "q")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for k in ("MDN_LOG_DIR", "MDN_VERBOSE", "VLLM_CONFIGURE_LOGGING"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(run_dir), "1" if verbose else "0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, run_dir
+
+
+def test_third_party_output_goes_to_the_run_logs_and_ours_to_the_console(tmp_path):
+    proc, run_dir = run_driver(tmp_path, verbose=False)
+    assert proc.returncode == 1
+    console = proc.stdout + proc.stderr
+    assert "THIRD-PARTY" not in console, console
+    assert proc.stdout.splitlines() == ["OURS: step 1/1", "OURS: after the filter"]
+    assert "BAR 50%" in proc.stderr and "OURS: a fatal error is seen" in proc.stderr
+    driver = (run_dir / "logs" / "driver.log").read_text()
+    for needle in ("THIRD-PARTY FutureWarning", "THIRD-PARTY vllm logger", "THIRD-PARTY ray info",
+                   "THIRD-PARTY C-level stdout", "THIRD-PARTY C-level stderr", "THIRD-PARTY child stdout",
+                   "THIRD-PARTY child stderr"):
+        assert needle in driver, needle
+    worker = (run_dir / "logs" / "policy_rank0.log").read_text()
+    assert "THIRD-PARTY worker UserWarning" in worker and "THIRD-PARTY worker print" in worker
+    assert "worker" not in driver
+
+
+def test_verbose_shows_everything_and_writes_no_logs(tmp_path):
+    proc, run_dir = run_driver(tmp_path, verbose=True)
+    console = proc.stdout + proc.stderr
+    for needle in ("OURS: step 1/1", "THIRD-PARTY FutureWarning", "THIRD-PARTY vllm logger",
+                   "THIRD-PARTY C-level stdout", "THIRD-PARTY child stderr", "THIRD-PARTY worker UserWarning",
+                   "OURS: a fatal error is seen"):
+        assert needle in console, needle
+    assert not (run_dir / "logs").exists()
+
+
+def test_a_ray_workers_warning_lands_in_its_log_file_not_on_the_console(tmp_path):
+    """The real path of a run's workers: init_ray (log_to_driver off under the filter) and an actor
+    that redirects its output first thing, as PolicyWorkerImpl and EngineReplicaImpl do."""
+    script = textwrap.dedent(r"""
+        import sys, warnings
+        import ray
+        from megatron_denoise.config.schema import Config
+        from megatron_denoise.console import quiet_console
+        from megatron_denoise.trainer.workers import init_ray
+
+        class Impl:
+            def __init__(self):
+                from megatron_denoise.console import redirect_worker_output
+                redirect_worker_output("policy_rank0")
+            def work(self):
+                warnings.warn("THIRD-PARTY deprecated in the worker", DeprecationWarning)
+                print("THIRD-PARTY worker stdout", flush=True)
+                import os
+                os.write(2, b"THIRD-PARTY worker fd2\n")
+                return 7
+
+        with quiet_console(sys.argv[1]):
+            init_ray(Config(), sys.argv[1])
+            a = ray.remote(num_cpus=0)(Impl).remote()
+            assert ray.get(a.work.remote(), timeout=120) == 7
+            import time; time.sleep(2)  # what Ray would forward arrives within its log-monitor period
+            ray.shutdown()
+            print("OURS: done")
+    """)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="always")
+    for k in ("MDN_LOG_DIR", "MDN_VERBOSE", "RAY_ADDRESS"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "THIRD-PARTY" not in console, console
+    assert proc.stdout.strip().splitlines() == ["OURS: done"], console
+    log = (run_dir / "logs" / "policy_rank0.log").read_text()
+    for needle in ("THIRD-PARTY deprecated in the worker", "THIRD-PARTY worker stdout", "THIRD-PARTY worker fd2"):
+        assert needle in log, (needle, log[-2000:])
+
+
+def test_the_warm_start_child_gets_a_log_file_and_the_console_a_bar(tmp_path):
+    """prepare.stage runs the warm-start with its output in <run>/logs/warm_start.log and shows a bar
+    over its `[sft] step n/N` lines; a failing child's last lines reach the console."""
+    child = ("import sys, warnings\n"
+             "for i in range(1, 6): print(f'[sft] step {i}/5 | loss 1.0', flush=True)\n"
+             "warnings.warn('THIRD-PARTY in the warm-start')\n"
+             "assert sys.argv[-1] == '--verbose'\n"
+             "sys.exit(int(sys.argv[1]))\n")
+    script = textwrap.dedent(r"""
+        import sys
+        from megatron_denoise.console import quiet_console
+        from megatron_denoise.prepare.stage import _run_child
+        with quiet_console(sys.argv[1]):
+            rc = _run_child([sys.executable, "-c", sys.argv[2], sys.argv[3]], "warm_start", print)
+        print("rc", rc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for k in ("MDN_LOG_DIR", "MDN_VERBOSE"):
+        env.pop(k, None)
+    for code in (0, 3):
+        run_dir = tmp_path / f"run{code}"
+        proc = subprocess.run([sys.executable, "-c", script, str(run_dir), child, str(code)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        log = (run_dir / "logs" / "warm_start.log").read_text()
+        assert "[sft] step 5/5" in log and "THIRD-PARTY in the warm-start" in log
+        assert "5/5" in proc.stderr  # the bar reached its total
+        assert proc.stdout.strip().endswith(f"rc {code}")
+        if code:  # the failure is shown with the log's name and its last lines
+            assert "exited with code 3" in proc.stdout and "THIRD-PARTY in the warm-start" in proc.stdout
+        else:
+            assert "[sft] step" not in proc.stdout and "THIRD-PARTY" not in proc.stdout
