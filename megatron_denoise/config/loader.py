@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import keyword
 import os
 import typing
 from pathlib import Path
@@ -157,6 +158,11 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str], base: Any = None) 
         allowed = [m.value for m in tp]
         if isinstance(value, str) and value in allowed:
             return tp(value).value  # the plain string: configs stay YAML/JSON/pickle safe
+        if isinstance(value, bool):  # YAML 1.1 reads off/no as false: a Choice may take it (its _missing_)
+            try:
+                return tp(value).value
+            except ValueError:
+                pass
         errors.append(f"{key} ({value!r}) must be one of {', '.join(allowed)}")
         return None
     if tp is bool:
@@ -208,17 +214,21 @@ def build_dataclass(cls: type, data: dict, prefix: str, errors: list[str], base:
     names = list(by_name)
     kwargs = {}
     for k, v in data.items():
-        if k not in names:
+        name = k
+        if isinstance(k, str) and keyword.iskeyword(k) and f"{k}_" in by_name:
+            name = f"{k}_"  # a YAML key that is a Python keyword (rollout.async) names the field async_
+        if name not in names:
             key = f"{prefix}{k}"
-            near = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(names)})"
+            shown = [n[:-1] if n.endswith("_") and keyword.iskeyword(n[:-1]) else n for n in names]
+            near = difflib.get_close_matches(str(k), shown, n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(shown)})"
             errors.append(f"unknown key '{key}'{hint}")
             continue
-        default = _default_of(by_name[k])
-        coerced = _coerce(v, hints[k], f"{prefix}{k}", errors,
+        default = _default_of(by_name[name])
+        coerced = _coerce(v, hints[name], f"{prefix}{k}", errors,
                           base=default if dataclasses.is_dataclass(default) else None)
         if coerced is not None or v is None:
-            kwargs[k] = coerced
+            kwargs[name] = coerced
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:  # pragma: no cover - kwargs are filtered to known fields

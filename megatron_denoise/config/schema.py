@@ -89,6 +89,15 @@ class Engine(Choice):
     HF = "hf"
 
 
+class AsyncMode(Choice):
+    OFF = "off"
+    ONE_STEP = "one_step"
+
+    @classmethod
+    def _missing_(cls, value):  # YAML 1.1 reads a bare `off` as false
+        return cls.OFF if value is False else None
+
+
 class RhoStrategy(Choice):
     FIXED = "fixed"
     UNIFORM = "uniform"
@@ -314,6 +323,11 @@ class RolloutConfig:
                          "engine TP rank); 0: as many as the actor's. Ignored when colocated")
     placement_timeout_s: float = f(300.0, "Seconds to wait for the placement groups and for every policy rank and "
                                           "engine replica to start; then an error names what is missing")
+    async_: AsyncMode = f(AsyncMode.OFF, "YAML key `rollout.async`. off: each step generates its rows with the "
+                                         "current weights, then trains (on-policy) | one_step: step t+1's rows are "
+                                         "generated while step t trains, so every trained row is exactly one update "
+                                         "old (except the first step's); the mismatch path (algorithm.mismatch) "
+                                         "measures and corrects them. GPU: needs colocate false")
 
 
 @dataclass

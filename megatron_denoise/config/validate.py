@@ -9,8 +9,8 @@ from pathlib import Path
 
 from typing import Optional
 
-from megatron_denoise.config.schema import (Config, DType, Family, OptimizerName, PolicyLoss, RhoConfig, RhoStrategy,
-                                            RopeScaling, SFTConfig)
+from megatron_denoise.config.schema import (AsyncMode, Config, Device, DType, Family, OptimizerName, PolicyLoss,
+                                            RhoConfig, RhoStrategy, RopeScaling, SFTConfig)
 from megatron_denoise.layout import ParallelLayout, check_layout
 
 def _unit(errors: list[str], key: str, value: float) -> None:
@@ -79,6 +79,30 @@ def check_checkpoint_and_cluster(e: list[str], cfg) -> None:
     if cfg.cluster.num_nodes < 1 or cfg.cluster.gpus_per_node < 1:
         e.append(f"cluster.num_nodes ({cfg.cluster.num_nodes}) and cluster.gpus_per_node "
                  f"({cfg.cluster.gpus_per_node}) must be >= 1")
+
+
+def async_placement_error(mode: str, colocate: bool, gpu: bool) -> Optional[str]:
+    """Why `rollout.async` cannot run with this placement (None: it can). Checked here when
+    cluster.device is cuda, and by the trainer once the placement knows (device auto)."""
+    if mode == AsyncMode.ONE_STEP and colocate and gpu:
+        return (f"rollout.async={AsyncMode.ONE_STEP.value} generates while the actor trains, but a colocated "
+                f"engine (rollout.colocate=true) shares the actor's GPUs and sleeps while it trains, so the two "
+                f"cannot overlap: set rollout.colocate=false (a dedicated generation pool of rollout.num_gpus "
+                f"GPUs) or rollout.async={AsyncMode.OFF.value}")
+    return None
+
+
+def check_async(e: list[str], cfg: Config) -> None:
+    """rollout.async against the placement and the mismatch path that corrects its stale rows."""
+    r, mm = cfg.rollout, cfg.algorithm.mismatch
+    err = async_placement_error(r.async_, r.colocate, cfg.cluster.device == Device.CUDA)
+    if err:
+        e.append(err)
+    if r.async_ == AsyncMode.ONE_STEP and not (mm.metrics or mm.tis_cap is not None or mm.seq_mask_low is not None
+                                               or mm.seq_mask_high is not None):
+        e.append(f"rollout.async={AsyncMode.ONE_STEP.value} trains on rows one update old: it needs the engine's "
+                 f"log-probs to measure them (algorithm.mismatch.metrics=true) and/or to correct them "
+                 f"(algorithm.mismatch.tis_cap, seq_mask_low/high); all are off")
 
 
 def check_rollout_placement(e: list[str], cfg: Config) -> None:
@@ -175,6 +199,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if not (0.0 < r.top_p <= 1.0):
         e.append(f"rollout.top_p ({r.top_p}) must be in (0, 1]")
     check_rollout_placement(e, cfg)
+    check_async(e, cfg)
 
     # reward
     if cfg.reward.num_workers < 1:

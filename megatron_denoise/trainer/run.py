@@ -72,6 +72,12 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         random.seed(cfg.trainer.seed)
 
         init_ray(cfg, str(run.run_dir))
+        from megatron_denoise.config.validate import async_placement_error
+        from megatron_denoise.placement import use_gpus
+
+        bad = async_placement_error(cfg.rollout.async_, cfg.rollout.colocate, use_gpus(cfg))  # device auto: now known
+        if bad:
+            raise ValueError(bad)
         stop.install()  # after ray.init, which installs its own SIGTERM handler in the driver
         policy = PolicyGroup.create(cfg, hf_path)
         run.closers.append(policy.shutdown)
@@ -102,6 +108,13 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         ctx = StepContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer, problems=problems,
                           tokenizer=tokenizer, prompt_ids=problems.prompt_ids, decode=hf_decoder(tokenizer),
                           pad_id=tokenizer.pad_token_id or 0)
+        # rollout.async: each step's rows, generated now or one step ahead (the in-flight batch is
+        # saved with the checkpoint and consumed first on resume)
+        from megatron_denoise.trainer.step import rollout_schedule
+
+        rollouts = rollout_schedule(ctx, version=start)
+        if resume_from is not None:
+            rollouts.load_state_dict(meta["data_cursor"], start)
         validates = cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train
         eval_sets = load_eval_sets(cfg, tokenizer) if validates else {}
         # its own prompt cache: held-out uids may equal training uids (same data_source, index)
@@ -114,6 +127,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
 
         def save(step: int) -> str:
             state = {"problems": problems.state_dict(), "step": step}
+            state.update(rollouts.state_dict())  # one_step: the next step's finished rows
             return policy.save(str(run.ckpt_dir), step, state, cfg.checkpoint.keep_last)
 
         # which problems each step trained on (a resumed run must repeat none and skip none)
@@ -123,11 +137,11 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         step = start
         last_saved = start if resume_from is not None else None
         while step < cfg.trainer.total_steps and not stop:
-            drawn = len(problems.drawn)
             metrics = train_step(ctx, step)
             step += 1
-            seen_log.write(step, {"uids": problems.drawn[drawn:]})
-            metrics["problems_seen"] = float(problems.seen)
+            # the problems drawn for the rows this step trained on (one_step drew them a step earlier)
+            seen_log.write(step, {"uids": list(rollouts.last.uids)})
+            metrics["problems_seen"] = float(rollouts.last.seen)
             # every test_freq steps, and after the last step (the after-training figure)
             if eval_sets and ((cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0)
                               or step == cfg.trainer.total_steps):
