@@ -102,6 +102,23 @@ class RhoStrategy(Choice):
     FIXED = "fixed"
     UNIFORM = "uniform"
     NORMAL = "normal"
+    ADAPTIVE = "adaptive"
+
+
+class RhoScope(Choice):
+    PROBLEM = "problem"
+    GLOBAL = "global"
+
+
+class PoolSource(Choice):
+    OFFLINE = "offline"
+    ONLINE = "online"
+    MIXED = "mixed"
+
+
+class PrefixKind(Choice):
+    WRONG = "wrong"
+    CORRECT = "correct"
 
 
 class PoolSampling(Choice):
@@ -332,12 +349,28 @@ class RolloutConfig:
 
 @dataclass
 class RhoConfig:
-    strategy: RhoStrategy = f(RhoStrategy.FIXED, "Prefix ratio sampler: fixed | uniform | normal (clipped to [low, high])")
-    value: float = f(0.2, "rho for the fixed strategy")
-    low: float = f(0.1, "Lower bound (uniform, normal clip); in (0, 1]")
-    high: float = f(0.5, "Upper bound (uniform, normal clip); in (0, 1]")
+    strategy: RhoStrategy = f(RhoStrategy.FIXED, "Prefix ratio sampler: fixed | uniform | normal (clipped to "
+                                                 "[low, high]) | adaptive (a controller steers the denoise pass "
+                                                 "rate toward `target`, within [low, high])")
+    value: float = f(0.2, "rho for the fixed strategy; the adaptive strategy's starting rho")
+    low: float = f(0.1, "Lower bound (uniform, normal clip, adaptive); in (0, 1]")
+    high: float = f(0.5, "Upper bound (uniform, normal clip, adaptive); in (0, 1]")
     mean: float = f(0.3, "Mean of the normal strategy")
     std: float = f(0.1, "Standard deviation of the normal strategy")
+    target: float = f(0.5, "adaptive: the denoise rows' pass rate the controller steers toward; in (0, 1)")
+    gain: float = f(0.2, "adaptive: rho += sign x gain x (pass rate - target) after each generation batch "
+                         "(sign +1 for wrong prefixes: a longer wrong prefix is harder; -1 for correct ones)")
+    scope: RhoScope = f(RhoScope.PROBLEM, "adaptive: one rho per problem (problem) or one for the run (global)")
+
+
+@dataclass
+class OnlinePoolConfig:
+    """The pool that the policy's own MAIN rollouts refill (denoise.pool_source online | mixed)."""
+    max_size: int = f(4, "Entries kept per problem; the oldest is evicted first")
+    max_age: Optional[int] = f(20, "Entries older than this many steps are dropped (null: never)")
+    dedup: bool = f(True, "Skip an answer whose token ids equal an entry already in the problem's pool")
+    share: float = f(0.5, "mixed: probability that a denoise slot draws from the online pool when both pools "
+                          "have entries; in (0, 1)")
 
 
 @dataclass
@@ -349,6 +382,15 @@ class DenoiseConfig:
     partial_mode: PartialMode = f(PartialMode.CUTDOWN, "cutdown (grad on continuation, max_tokens R-p) | shift (grad on prefix too) | none (max_tokens R)")
     shared_baseline: bool = f(True, "All N+K rows of a problem share one advantage group (use_problem_id_as_uid)")
     pool_column: str = f("wrong_answer_with_boxed", "Column holding the weak model's wrong solutions")
+    pool_source: PoolSource = f(PoolSource.OFFLINE, "Where prefixes come from: offline (the prepared pool, the "
+                                                    "paper) | online (the policy's own recent main rollouts) | "
+                                                    "mixed (both, denoise.online_pool.share online)")
+    online_pool: OnlinePoolConfig = f(factory=OnlinePoolConfig, doc="The online pool (pool_source online | mixed)")
+    prefix_kind: PrefixKind = f(PrefixKind.WRONG, "Prefix of a wrong boxed answer (the paper) | of a verified "
+                                                  "correct one (offline: correct_pool_column; online: correct "
+                                                  "main rollouts)")
+    correct_pool_column: str = f("correct_answer_with_boxed", "Column holding verified correct solutions "
+                                                              "(prefix_kind correct, offline or mixed pools)")
     seed: int = f(1234, "Seed of pool sampling and rho, combined with the step and slot")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_denoise.config.schema import (AsyncMode, Config, Device, DType, Family, OptimizerName, PolicyLoss,
-                                            RhoConfig, RhoStrategy, RopeScaling, SFTConfig)
+                                            PoolSource, PrefixKind, RhoConfig, RhoStrategy, RopeScaling, SFTConfig)
 from megatron_denoise.layout import ParallelLayout, check_layout
 
 def _unit(errors: list[str], key: str, value: float) -> None:
@@ -31,6 +31,44 @@ def rho_errors(rho: RhoConfig) -> list[str]:
             e.append(f"denoise.rho.low ({rho.low}) must be <= denoise.rho.high ({rho.high})")
     if rho.strategy == RhoStrategy.NORMAL and not rho.std > 0:
         e.append(f"denoise.rho.std ({rho.std}) must be > 0 for the {rho.strategy} strategy")
+    if rho.strategy == RhoStrategy.ADAPTIVE:
+        if not rho.low <= rho.value <= rho.high:
+            e.append(f"denoise.rho.value ({rho.value}), the {rho.strategy} strategy's starting rho, must be in "
+                     f"[denoise.rho.low, denoise.rho.high] ([{rho.low}, {rho.high}])")
+        if not 0.0 < rho.target < 1.0:
+            e.append(f"denoise.rho.target ({rho.target}) must be in (0, 1)")
+        if not rho.gain > 0:
+            e.append(f"denoise.rho.gain ({rho.gain}) must be > 0 for the {rho.strategy} strategy")
+    return e
+
+
+def denoise_source_errors(dn) -> list[str]:
+    """pool_source / prefix_kind / online_pool against N and K (issue 18): an option that could not act
+    (no denoise slot to use it, no main rollout to refill the pool) is refused, not ignored."""
+    e: list[str] = []
+    op = dn.online_pool
+    online = dn.pool_source != PoolSource.OFFLINE
+    if dn.k_denoise == 0:
+        for key, value, default in (("denoise.pool_source", dn.pool_source, PoolSource.OFFLINE),
+                                    ("denoise.prefix_kind", dn.prefix_kind, PrefixKind.WRONG),
+                                    ("denoise.rho.strategy", dn.rho.strategy, None)):
+            if (value == RhoStrategy.ADAPTIVE) if default is None else (value != default):
+                e.append(f"{key} ({value}) needs denoise.k_denoise >= 1: with K = 0 no row has a prefix")
+    if online and dn.n_main < 1:
+        e.append(f"denoise.pool_source ({dn.pool_source}) needs denoise.n_main >= 1: main rollouts refill the "
+                 f"online pool")
+    if online:
+        if op.max_size < 1:
+            e.append(f"denoise.online_pool.max_size ({op.max_size}) must be >= 1")
+        if op.max_age is not None and op.max_age < 1:
+            e.append(f"denoise.online_pool.max_age ({op.max_age}) must be >= 1 (or null: no ageing)")
+    if dn.pool_source == PoolSource.MIXED and not 0.0 < op.share < 1.0:
+        e.append(f"denoise.online_pool.share ({op.share}) must be in (0, 1) for denoise.pool_source {dn.pool_source} "
+                 f"(use {PoolSource.OFFLINE} or {PoolSource.ONLINE} for one source only)")
+    if dn.prefix_kind == PrefixKind.CORRECT and dn.pool_source != PoolSource.ONLINE \
+            and dn.correct_pool_column == dn.pool_column:
+        e.append(f"denoise.correct_pool_column ({dn.correct_pool_column}) must differ from denoise.pool_column: "
+                 f"correct prefixes would be read from the wrong-solution column")
     return e
 
 
@@ -155,6 +193,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if dn.n_main >= 0 and dn.k_denoise >= 0 and dn.n_main + dn.k_denoise < 1:
         e.append("denoise.n_main + denoise.k_denoise must be >= 1 (rows per problem)")
     e.extend(rho_errors(dn.rho))
+    e.extend(denoise_source_errors(dn))
 
     # algorithm
     if not (0.0 <= a.clip_low < 1.0):

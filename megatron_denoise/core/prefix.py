@@ -15,6 +15,12 @@ A denoise slot that cannot get a prefix (empty pool; non-string entry, zero toke
 error; p >= R) becomes an ordinary rollout of kind FALLBACK with R tokens of budget: the group stays
 N + K, the reason is counted, and building never raises for a problem's data.
 
+Beyond the paper (issue 18, state in core.prefix_state): with denoise.pool_source online | mixed a
+slot may draw the policy's own recent answer (already token ids, nothing is tokenised); with
+denoise.prefix_kind correct the prefix comes from a verified correct answer instead of a wrong one;
+with denoise.rho.strategy adaptive rho is the controller's current value for the problem. A problem
+with no entry in any pool it may draw from falls back exactly like an empty offline pool.
+
 Randomness (pool choice, rho, per-request sampling seed) is derived from (seed, step, generation
 batch, problem uid, slot) only, so a step is reproducible regardless of batch composition.
 """
@@ -26,7 +32,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from megatron_denoise.config.schema import DenoiseConfig, PartialMode, PoolSampling, RhoConfig, RhoStrategy
+from megatron_denoise.config.schema import (DenoiseConfig, PartialMode, PoolSampling, PoolSource, PrefixKind, RhoConfig,
+                                            RhoStrategy)
 from megatron_denoise.config.validate import rho_errors
 from megatron_denoise.core.seeding import derive_seed, derived_rng
 from megatron_denoise.core.types import (
@@ -109,6 +116,9 @@ def sample_rho(rho: RhoConfig, rng: random.Random) -> float:
         return rng.uniform(rho.low, rho.high)
     if rho.strategy == RhoStrategy.NORMAL:
         return min(rho.high, max(rho.low, rng.gauss(rho.mean, rho.std)))
+    if rho.strategy == RhoStrategy.ADAPTIVE:
+        raise ValueError(f"denoise.rho.strategy {rho.strategy}: rho comes from the run's controller "
+                         f"(core.prefix_state.RhoController), it is not sampled")
     raise ValueError(f"denoise.rho.strategy ({rho.strategy!r}) must be one of {' | '.join(RHO_STRATEGIES)}")
 
 
@@ -156,7 +166,8 @@ class StepRequests:
     [b * G, (b + 1) * G) with G = N + K, slots in order.
 
     fallbacks: reason value -> count of denoise slots that became ordinary rollouts.
-    problems_without_pool: problems whose pool was empty (counted even when K = 0).
+    problems_without_pool: problems with nothing to draw from (counted even when K = 0): an empty
+        prepared pool (pool_source offline), no online entry yet (online), neither (mixed).
     """
 
     requests: tuple[RolloutRequest, ...]
@@ -174,30 +185,69 @@ class StepRequests:
         return self.requests[b * self.group_size:(b + 1) * self.group_size]
 
 
+def offline_pool(problem: Problem, denoise: DenoiseConfig) -> tuple:
+    """The prepared pool a slot draws from: the wrong solutions (Problem.wrong_pool), or with
+    prefix_kind correct the problem's `denoise.correct_pool_column` (carried in Problem.extra)."""
+    if denoise.prefix_kind == PrefixKind.WRONG:
+        return problem.wrong_pool
+    raw = problem.extra.get(denoise.correct_pool_column) if isinstance(problem.extra, Mapping) else None
+    return tuple(raw) if isinstance(raw, (list, tuple)) else ()
+
+
+def choose_source(denoise: DenoiseConfig, n_offline: int, n_online: int, slot_key: tuple) -> Optional[str]:
+    """Which pool a slot draws from (None: both are empty -> fallback). mixed draws online with
+    probability denoise.online_pool.share when both pools have entries, else the non-empty one."""
+    src = denoise.pool_source
+    if src == PoolSource.OFFLINE:
+        return PoolSource.OFFLINE if n_offline else None
+    if src == PoolSource.ONLINE:
+        return PoolSource.ONLINE if n_online else None
+    if n_offline and n_online:
+        online = derived_rng("source", *slot_key).random() < denoise.online_pool.share
+        return PoolSource.ONLINE if online else PoolSource.OFFLINE
+    return PoolSource.ONLINE if n_online else (PoolSource.OFFLINE if n_offline else None)
+
+
 def _try_prefix(problem: Problem, slot_key: tuple, denoise: DenoiseConfig, max_response_length: int,
-                encode: Encoder, token_cache: dict) -> Union[PrefixSpan, FallbackReason]:
+                encode: Encoder, token_cache: dict, state: Any = None, step: int = 0,
+                ) -> Union[PrefixSpan, FallbackReason]:
     """The slot's prefix, or the reason it cannot have one."""
-    pool = problem.wrong_pool
-    if len(pool) == 0:
+    pool = offline_pool(problem, denoise)
+    online = state.online_entries(problem.uid, step) if state is not None else ()
+    source = choose_source(denoise, len(pool), len(online), slot_key)
+    if source is None:
         return FallbackReason.EMPTY_POOL
-    pool_index = choose_pool_index(denoise.pool_sampling, len(pool), derived_rng("pool", *slot_key))
-    rho = sample_rho(denoise.rho, derived_rng("rho", *slot_key))
-    text = pool[pool_index]
-    if pool_index not in token_cache:
-        ids: Optional[tuple[int, ...]] = None
-        if isinstance(text, str):
-            try:
-                ids = tuple(int(t) for t in encode(text))
-            except Exception:  # noqa: BLE001 - a bad pool entry must not crash the step (counted)
-                ids = None
-        token_cache[pool_index] = ids
-    ids = token_cache[pool_index]
+    n = len(pool) if source == PoolSource.OFFLINE else len(online)
+    pool_index = choose_pool_index(denoise.pool_sampling, n, derived_rng("pool", *slot_key))
+    if denoise.rho.strategy == RhoStrategy.ADAPTIVE:
+        if state is None:
+            raise ValueError(f"denoise.rho.strategy {RhoStrategy.ADAPTIVE} needs the run's controller state "
+                             f"(build_step_requests(..., state=DenoiseState))")
+        rho = state.rho(problem.uid)
+    else:
+        rho = sample_rho(denoise.rho, derived_rng("rho", *slot_key))
+    age = None
+    if source == PoolSource.ONLINE:  # the policy's own token ids: nothing to tokenise
+        entry = online[pool_index]
+        ids, age = entry.token_ids, step - entry.step
+    else:
+        text = pool[pool_index]
+        if pool_index not in token_cache:
+            ids = None
+            if isinstance(text, str):
+                try:
+                    ids = tuple(int(t) for t in encode(text))
+                except Exception:  # noqa: BLE001 - a bad pool entry must not crash the step (counted)
+                    ids = None
+            token_cache[pool_index] = ids
+        ids = token_cache[pool_index]
     if not ids:
         return FallbackReason.UNBUILDABLE_PREFIX
     p = prefix_length(rho, len(ids))
     if p >= max_response_length:
         return FallbackReason.PREFIX_TOO_LONG
-    return PrefixSpan(pool_index=pool_index, source_num_tokens=len(ids), rho=rho, length=p, token_ids=ids[:p])
+    return PrefixSpan(pool_index=pool_index, source_num_tokens=len(ids), rho=rho, length=p, token_ids=ids[:p],
+                      source=str(source.value), age=age)
 
 
 def build_step_requests(
@@ -210,6 +260,7 @@ def build_step_requests(
     *,
     gen_batch: int = 0,
     sampling_seed: int = 0,
+    state: Any = None,
 ) -> StepRequests:
     """N main + K denoise requests for each problem of one generation batch.
 
@@ -220,6 +271,8 @@ def build_step_requests(
     max_response_length: R (data.max_response_length).
     step, gen_batch: where in the run this batch is (DAPO may draw several batches per step).
     sampling_seed: base of the per-request engine sampling seeds (rollout.seed).
+    state:      the run's core.prefix_state.DenoiseState (online pool, rho controller), needed with
+                denoise.pool_source online | mixed or denoise.rho.strategy adaptive; None otherwise.
     """
     _validate(denoise, max_response_length)
     if len(prompt_ids) != len(problems):
@@ -233,7 +286,8 @@ def build_step_requests(
         prompt = tuple(int(t) for t in ids)
         if len(prompt) == 0:
             raise ValueError(f"problem {problem.uid!r} (batch row {b}) has an empty prompt")
-        if len(problem.wrong_pool) == 0:
+        n_online = len(state.online_entries(problem.uid, step)) if state is not None else 0
+        if choose_source(denoise, len(offline_pool(problem, denoise)), n_online, ()) is None:
             without_pool += 1
         token_cache: dict[int, Optional[tuple[int, ...]]] = {}
         for slot in range(n + k):
@@ -244,7 +298,7 @@ def build_step_requests(
                                                **common))
                 continue
             slot_key = (denoise.seed, step, gen_batch, problem.uid, slot)
-            got = _try_prefix(problem, slot_key, denoise, max_response_length, encode, token_cache)
+            got = _try_prefix(problem, slot_key, denoise, max_response_length, encode, token_cache, state, step)
             if isinstance(got, FallbackReason):
                 fallbacks[got.value] += 1
                 requests.append(RolloutRequest(kind=RowKind.FALLBACK, prefix=None, max_tokens=max_response_length,

@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from megatron_denoise.config.schema import PartialMode
+from megatron_denoise.config.schema import PartialMode, PoolSource
 
 __all__ = [
     "RowKind",
@@ -85,6 +85,10 @@ class PrefixSpan:
     rho:               the sampled prefix ratio; length = max(1, floor(rho * |w|)).
     token_ids:         exactly `length` ids, the first ones of the tokenised wrong text (no
                        decode/re-encode, no end-of-turn token).
+    source:            the pool it came from: offline (the prepared pool; pool_index indexes the
+                       problem's wrong_pool, or its correct pool with prefix_kind correct) or online
+                       (the policy's own answers; pool_index indexes the problem's online entries).
+    age:               online entries: steps since the entry was generated (None for offline ones).
     """
 
     pool_index: int
@@ -92,6 +96,8 @@ class PrefixSpan:
     rho: float
     length: int
     token_ids: tuple[int, ...]
+    source: str = PoolSource.OFFLINE.value
+    age: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.length != len(self.token_ids):
