@@ -92,10 +92,22 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         from megatron_denoise.megatron.checkpoint import resolve_resume
 
         resume_from = resolve_resume(cfg.checkpoint.resume, run.ckpt_dir)
+        # the online pool / rho controller (denoise.pool_source, denoise.rho.strategy adaptive)
+        from megatron_denoise.core.prefix_state import DenoiseState
+
+        denoise_state = DenoiseState.for_config(cfg.denoise)
         if resume_from is not None:
             meta = policy.load(str(resume_from))
             start = int(meta["step"])
             problems.load_state_dict(meta["data_cursor"]["problems"])
+            saved = meta["data_cursor"].get("denoise")
+            if (saved is None) != (denoise_state is None):
+                raise ValueError(f"{resume_from}: the checkpoint {'has no' if saved is None else 'has a'} denoise "
+                                 f"state (online pool / rho controller) but this run's denoise.pool_source "
+                                 f"({cfg.denoise.pool_source}) and denoise.rho.strategy ({cfg.denoise.rho.strategy}) "
+                                 f"{'need' if saved is None else 'keep'} {'one' if saved is None else 'none'}")
+            if denoise_state is not None:
+                denoise_state.load_state_dict(saved)
             policy.refit(engine)  # the engine must generate with the resumed weights
             print(f"[megatron-denoise] resumed from {resume_from} at step {start}", flush=True)
 
@@ -107,7 +119,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         run.closers.append(progress.close)
         ctx = StepContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer, problems=problems,
                           tokenizer=tokenizer, prompt_ids=problems.prompt_ids, decode=hf_decoder(tokenizer),
-                          pad_id=tokenizer.pad_token_id or 0)
+                          pad_id=tokenizer.pad_token_id or 0, denoise_state=denoise_state)
         # rollout.async: each step's rows, generated now or one step ahead (the in-flight batch is
         # saved with the checkpoint and consumed first on resume)
         from megatron_denoise.trainer.step import rollout_schedule
@@ -128,6 +140,8 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         def save(step: int) -> str:
             state = {"problems": problems.state_dict(), "step": step}
             state.update(rollouts.state_dict())  # one_step: the next step's finished rows
+            if denoise_state is not None:  # only then: the paper's checkpoints are unchanged
+                state["denoise"] = denoise_state.state_dict()
             return policy.save(str(run.ckpt_dir), step, state, cfg.checkpoint.keep_last)
 
         # which problems each step trained on (a resumed run must repeat none and skip none)

@@ -13,17 +13,19 @@ problem sampler; the algorithm itself is the pure code of `megatron_denoise.core
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from dataclasses import replace
 
-from megatron_denoise.config.schema import AsyncMode, Config, KLUse
+from megatron_denoise.config.schema import AsyncMode, Config, KLUse, PrefixKind
 from megatron_denoise.core.advantages import DynamicSampler, apply_overlong_shaping, compute_advantages
 from megatron_denoise.core.fold import fold_rollout, pack, verifier_text
 from megatron_denoise.core.metrics import step_metrics
 from megatron_denoise.core.mismatch import engine_logprobs, kl_reward_penalty, measure_and_correct
 from megatron_denoise.core.prefix import build_step_requests
+from megatron_denoise.core.prefix_state import DenoiseState, prefix_source_metrics
 from megatron_denoise.core.types import Problem, Rollout
 from megatron_denoise.rollout.engine import SamplingSpec
 from megatron_denoise.trainer.rollouts import RolloutBatch, RolloutSchedule
@@ -69,8 +71,15 @@ class StepContext:
     decode: Callable[[Sequence[int]], str]
     pad_id: int = 0
     totals: dict = field(default_factory=dict)  # run-long counters (e.g. problems seen)
+    # the run's online pool / rho controller (core.prefix_state; None for the paper's configuration);
+    # built from cfg.denoise when not given, saved in and restored from the checkpoint by the trainer
+    denoise_state: Any = None
     # where each step's rows come from (trainer.rollouts; built by the first train_step if None)
     rollouts: Any = None
+
+    def __post_init__(self) -> None:
+        if self.denoise_state is None:
+            self.denoise_state = DenoiseState.for_config(self.cfg.denoise)
 
 
 def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, gen_batch: int,
@@ -80,8 +89,9 @@ def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, ge
     R = cfg.data.max_response_length
 
     # build N main + K denoise rows (token-level prefixes; fallbacks counted, never raised)
+    state = ctx.denoise_state
     plan = build_step_requests(problems, [ctx.prompt_ids(p) for p in problems], ctx.tokenizer, cfg.denoise, R,
-                               step, gen_batch=gen_batch, sampling_seed=cfg.rollout.seed)
+                               step, gen_batch=gen_batch, sampling_seed=cfg.rollout.seed, state=state)
 
     # generate: main and denoise rows in ONE call, so the engine batches them and shares prompts;
     # the engine also returns its sampling log-probs when the mismatch is measured or corrected
@@ -103,7 +113,24 @@ def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, ge
               "verifier_errors": float(sum(s == "error" for _, s in scores))}
     for reason, n in plan.fallbacks.items():
         counts[f"fallback/{reason}"] = float(n)
+    if state is not None:
+        # online pool refilled by this batch's main rows, controller moved by its denoise rows: a
+        # later generation batch of the same step (DAPO) already sees both
+        counts.update(prefix_source_metrics(plan.requests))
+        state.observe(groups, step)
     return groups, counts
+
+
+def _denoise_state_metrics(metrics: dict) -> dict[str, float]:
+    """Share of prefixes drawn from the online pool, mean age of those entries, mean rho drawn (the
+    sums counted per generation batch are replaced by these ratios)."""
+    n = metrics.pop("prefixes", 0.0)
+    online = metrics.get("prefixes_online", 0.0)
+    age_sum, rho_sum = metrics.pop("prefix_online_age_sum", 0.0), metrics.pop("prefix_rho_sum", 0.0)
+    out = {"online_share": online / n if n else math.nan,
+           "online_age_mean": age_sum / online if online else math.nan,
+           "rho_mean": rho_sum / n if n else math.nan}
+    return out
 
 
 def mismatch_wanted(cfg: Config) -> bool:
@@ -122,6 +149,8 @@ def collect_batch(ctx: StepContext, step: int, version: int) -> RolloutBatch:
     dapo = cfg.algorithm.dynamic_sampling
     counts: dict[str, float] = {}
     uids: list[str] = []
+    if ctx.denoise_state is not None:
+        ctx.denoise_state.begin_step(step)  # online entries older than max_age are dropped
 
     # sample problems -> rows -> generate -> verify; with DAPO dynamic sampling, keep drawing
     # generation batches until B problems have groups that are neither all-right nor all-wrong
@@ -138,6 +167,8 @@ def collect_batch(ctx: StepContext, step: int, version: int) -> RolloutBatch:
         if sampler.done:
             groups = sampler.take()
             break
+    if ctx.denoise_state is not None:  # pool sizes / rho now: with one_step the next collection runs
+        counts.update(ctx.denoise_state.metrics())  # while this batch trains, so they are read here
     return RolloutBatch(step=step, version=version, groups=groups, counts=counts,
                         dapo=sampler.stats() if dapo.enabled else None, uids=uids,
                         seen=int(getattr(ctx.problems, "seen", 0)), seconds=dict(timer.seconds))
@@ -248,6 +279,10 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     # metrics (METHOD.md section 4) + time per phase
     metrics = step_metrics(groups, cfg.data.max_response_length, rollouts.dapo)
     metrics.update(counts)
+    if ctx.denoise_state is not None:
+        metrics.update(_denoise_state_metrics(metrics))
+    if cfg.denoise.prefix_kind == PrefixKind.CORRECT:  # rows continuing a CORRECT prefix recover nothing
+        metrics["correct_prefix_pass_rate"] = metrics.pop("recovery_rate")
     metrics.update(extra_metrics)
     metrics.update(train_metrics)
     if isinstance(refit_figures, dict):

@@ -92,6 +92,10 @@ def test_pool_membership_dedup_and_summary(tmp_path, tokenizer, tiny_model):
         ["\\boxed{2}", "\\boxed{1/3}"],  # the length-stopped "\\boxed{2}" is a duplicate text
     ]
     assert t.column("wrong_answer_finish_reason").to_pylist() == [["stop", "length"], [], ["stop", "stop"]]
+    # the verified correct samples (prefix_kind correct), same dedup rule: the four "\boxed{3}" are one
+    assert t.column("correct_answer_with_boxed").to_pylist() == [
+        ["so the answer is \\boxed{18}"], ["\\boxed{3}", "\\boxed{3.0}"], ["\\boxed{\\frac{1}{2}}"]]
+    assert summary["correct_entries"] == 4 and summary["share_with_correct"] == 1.0
     lengths = t.column("wrong_answer_num_tokens").to_pylist()
     assert lengths[0] == [len("thus \\boxed{20}") + 1, len("I think \\boxed{7} and then more")]  # bytes (+EOS)
 
@@ -121,6 +125,8 @@ def test_drop_truncated_and_no_dedup(tmp_path, tokenizer, tiny_model):
     assert t.column("wrong_answer_with_boxed").to_pylist() == [
         ["thus \\boxed{20}", "thus \\boxed{20}"], [], ["\\boxed{2}", "\\boxed{1/3}"]]
     assert s["removed_truncated"] == 2 and s["removed_duplicates"] == 0
+    assert t.column("correct_answer_with_boxed").to_pylist() == [
+        ["so the answer is \\boxed{18}"], ["\\boxed{3}"] * 4 + ["\\boxed{3.0}"], ["\\boxed{\\frac{1}{2}}"]]
 
 
 def test_resume_after_crash_writes_nothing_twice(tmp_path, tokenizer, tiny_model):
