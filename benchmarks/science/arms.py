@@ -4,8 +4,21 @@ per step and the same steps, from the same warm-start and pool).
 
 The budget is `rows` rows per problem (default 8): GRPO gets N = rows, K = 0; DenoiseRL gets
 N = rows - K, K denoise rows.
+
+Beyond the paper (issue 18), each at the `denoise` arm's budget (N = rows - rows/4, K = rows/4):
+- denoise-adaptive: rho from a global controller steering the denoise pass rate toward 0.5
+  (start 0.2, within [0.05, 0.8], gain 0.1 per step), offline pool as in `denoise`.
+- denoise-online / denoise-mixed / denoise-correct: prefixes from the policy's own recent main
+  rollouts (wrong boxed ones; mixed: half of the slots from the prepared pool when both have an entry;
+  correct: verified correct ones). An online pool only acts when problems come back: the testbed's
+  60 steps x 8 problems never revisit one of its 512 problems, so these arms and their control
+  `denoise-p64` (the paper's method) train on the first 64 problems (each seen ~7.5 times).
 """
 from __future__ import annotations
+
+
+# the online-pool arms and their control: a problem set small enough that problems come back
+P64 = ("data.max_problems=64",)
 
 
 def arm_overrides(name: str, rows: int = 8) -> list[str]:
@@ -34,6 +47,14 @@ def arm_overrides(name: str, rows: int = 8) -> list[str]:
         # DAPO: dynamic sampling, clip-higher, token-level loss
         "dapo": lambda: denoise(rows // 4, "algorithm.name=dapo", "algorithm.dynamic_sampling.enabled=true",
                         "algorithm.clip_high=0.28", "algorithm.loss_agg=token-mean"),
+        # beyond the paper (issue 18)
+        "denoise-adaptive": lambda: denoise(rows // 4, "denoise.rho.strategy=adaptive", "denoise.rho.value=0.2",
+                                            "denoise.rho.low=0.05", "denoise.rho.high=0.8", "denoise.rho.target=0.5",
+                                            "denoise.rho.gain=0.1", "denoise.rho.scope=global"),
+        "denoise-p64": lambda: denoise(rows // 4, *P64),
+        "denoise-online": lambda: denoise(rows // 4, *P64, "denoise.pool_source=online"),
+        "denoise-mixed": lambda: denoise(rows // 4, *P64, "denoise.pool_source=mixed", "denoise.online_pool.share=0.5"),
+        "denoise-correct": lambda: denoise(rows // 4, *P64, "denoise.pool_source=online", "denoise.prefix_kind=correct"),
         "grpo-dapo": lambda: [f"denoise.n_main={rows}", "denoise.k_denoise=0", "algorithm.name=dapo",
                       "algorithm.dynamic_sampling.enabled=true", "algorithm.clip_high=0.28"],
     }

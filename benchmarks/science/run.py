@@ -16,7 +16,8 @@
    seeds, band = min..max), written to --out; results.json holds every number the report uses.
 
 The arms (benchmarks/science/arms.py): grpo, denoise (the paper's method), denoise-k2/-k4,
-rho0.2/0.5/0.8, rho-uniform, shift, none, dapo, grpo-dapo. `--eval-set` defaults to the task's
+rho0.2/0.5/0.8, rho-uniform, shift, none, dapo, grpo-dapo; beyond the paper (issue 18):
+denoise-adaptive, denoise-online, denoise-mixed, denoise-correct and their control denoise-p64. `--eval-set` defaults to the task's
 held-out split. A finished run (outputs.json present) is not run again: re-running the command
 after an interruption continues where it stopped.
 """
@@ -113,12 +114,21 @@ def _final_eval(run: Path) -> dict:
 def summarise_run(run: Path, eval_sets: list[str]) -> dict:
     rows = [r for r in _metrics(run) if "rows" in r]  # training steps (step 0 is validation only)
     generated = sum(r["rows"] * r["continuation_length_mean"] for r in rows)
-    rec = [r["recovery_rate"] for r in rows if isinstance(r.get("recovery_rate"), float) and not math.isnan(r["recovery_rate"])]
+    # the denoise rows' pass rate: recovery_rate (wrong prefixes) or correct_prefix_pass_rate (correct ones)
+    rec = [r.get("recovery_rate", r.get("correct_prefix_pass_rate")) for r in rows]
+    rec = [x for x in rec if isinstance(x, float) and not math.isnan(x)]
+
+    def mean_of(key):  # a per-step figure averaged over the steps that have it (NaN: none)
+        xs = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        return sum(xs) / len(xs) if xs else float("nan")
     last = rows[-10:]
     return {
         "final": _eval_scores(_final_eval(run), eval_sets),
         "tokens_generated": generated,
         "recovery_rate": sum(rec) / len(rec) if rec else float("nan"),
+        "fallbacks_per_step": mean_of("fallback_count"),
+        "online_share": mean_of("online_share"),       # issue 18 arms only (NaN otherwise)
+        "rho_mean": mean_of("rho_mean"),
         "train_accuracy_first10": sum(r["accuracy"] for r in rows[:10]) / max(1, len(rows[:10])),
         "train_accuracy_last10": sum(r["accuracy"] for r in last) / max(1, len(last)),
         "step_seconds": sum(r.get("time/step", 0.0) for r in rows) / max(1, len(rows)),
@@ -194,6 +204,17 @@ def report(results: dict, out: Path, pngs: list[Path]) -> str:
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {first} → {last} | "
                      f"{_fmt(rec) if rec else '—'} | {_fmt([r['tokens_generated'] for r in runs], pct=False)} | "
                      f"{_mean_std([r['step_seconds'] for r in runs])[0]:.1f} |")
+    rhos = {arm: [r.get("rho_mean", float("nan")) for r in seeds.values()] for arm, seeds in results["arms"].items()}
+    if any(not math.isnan(x) for v in rhos.values() for x in v):  # issue 18 arms: where the prefixes came from
+        lines += ["", "Prefix sources (per step, mean over steps and seeds; the recovery-rate column is the correct-"
+                  "prefix pass rate for denoise-correct):", "",
+                  "| arm | fallback rows / step | share of prefixes from the online pool | mean rho drawn |",
+                  "|---|---|---|---|"]
+        for arm, seeds in results["arms"].items():
+            runs = list(seeds.values())
+            cell = lambda k: (lambda xs: f"{_mean_std(xs)[0]:.3g}" if xs else "—")(  # noqa: E731
+                [r.get(k, float("nan")) for r in runs if not math.isnan(r.get(k, float("nan")))])
+            lines.append(f"| {arm} | {cell('fallbacks_per_step')} | {cell('online_share')} | {cell('rho_mean')} |")
     for s in sets:
         stem = _stem(s)
         buckets = sorted(base[stem]["buckets"])
