@@ -11,7 +11,9 @@ thread, see worker.py). If the worker has not answered after spending `kill_grac
 killed, the answer scores 0 with status `timeout`, and a replacement worker starts. Deadlines
 count CPU time so that a loaded node, which starves the workers, does not turn right answers
 into timeouts. A
-worker that dies while judging (crash, OOM kill) makes that answer `error`; an idle worker
+worker that dies while judging (crash, OOM kill, kill -9 from outside) is replaced and the answer
+is judged again by another worker (counted in stats["rescored"]); if that worker dies on it too,
+the answer is `error` (an answer that kills every worker is not retried forever). An idle worker
 found dead is replaced without charging any answer. The pool never raises for a bad answer.
 
 Why subprocess and not multiprocessing. Workers are fresh interpreters (the 'spawn' model: no
@@ -34,6 +36,7 @@ import weakref
 from collections import deque
 from typing import Optional, Sequence
 
+from megatron_denoise import chaos
 from megatron_denoise.reward.boxed import GroundTruth, last_boxed, normalize_ground_truth
 from megatron_denoise.reward.result import VerifyResult, VerifyStatus
 from megatron_denoise.reward.worker import read_frame, write_frame
@@ -177,7 +180,9 @@ class VerifierPool:
         self._stats = {
             "items": 0, "correct": 0, "ok": 0, "no_box": 0, "timeout": 0, "error": 0,
             "workers_started": 0, "workers_killed": 0, "workers_died": 0, "guard_blocks": 0,
+            "rescored": 0,
         }
+        self._rescored: set = set()  # answers of the batch in flight already re-queued once
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         with self._lock:
             self._fill()
@@ -282,6 +287,7 @@ class VerifierPool:
         with self._lock:
             self._check_open()
             self._answers, self._golds, self._deadline = answers, golds, deadline
+            self._rescored = set()
             try:
                 while queue or any(w.inflight for w in self._workers):
                     self._fill()
@@ -352,6 +358,7 @@ class VerifierPool:
         if not w.inflight:
             w.start_head(time.monotonic())
         w.inflight.append(i)
+        chaos.point("score", role="verifier", pid=w.pid)  # chaos harness: kill -9 the worker now judging
         return True
 
     def _pump(self, results: Optional[list], queue: Optional[deque]) -> None:
@@ -407,9 +414,9 @@ class VerifierPool:
 
     def _on_death(self, w: _Worker, results: Optional[list], queue: Optional[deque], detail: str = "",
                   killed: bool = False) -> None:
-        """`w` died (head answer: `error`) or was `killed` at the hard deadline (head answer:
-        `timeout`); either way the head answer scores 0 and the answers queued behind it, which it
-        never started, go back to the queue."""
+        """`w` died (head answer: judged again by another worker, once; `error` the second time)
+        or was `killed` at the hard deadline (head answer: `timeout`, 0); the answers queued behind
+        it, which it never started, go back to the queue."""
         t_end = time.monotonic()
         was = w.state
         code = w.proc.poll()
@@ -425,7 +432,10 @@ class VerifierPool:
                     f"(last exit code {code}, {detail or 'see its stderr'}); "
                     f"command: {self.python} -c 'from megatron_denoise.reward.worker import main; main()'")
             return
-        if inflight and results is not None:
+        if inflight and results is not None and not killed and queue is not None and inflight[0] not in self._rescored:
+            self._rescored.add(inflight[0])  # died while judging: another worker judges it again
+            self._stats["rescored"] += 1
+        elif inflight and results is not None:
             i = inflight.pop(0)
             results[i] = VerifyResult(0.0, VerifyStatus.TIMEOUT if killed else VerifyStatus.ERROR, self._answers[i],
                                       t_end - w.head_start, detail or f"worker died (exit code {code})")
