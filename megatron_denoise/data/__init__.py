@@ -106,24 +106,32 @@ def load_problems(
         raise err
     if data.max_problems is not None:
         problems = problems[: data.max_problems]
-    problems = _unique_uids(problems)
+    problems, renamed = _unique_uids(problems)
+    if renamed:
+        listed = "; ".join(f"{old} -> {new} ({file} row {row})" for old, new, file, row in renamed[:5])
+        more = f"; ... and {len(renamed) - 5} more" if len(renamed) > 5 else ""
+        report.notes.append(f"{len(renamed)} duplicate uid(s) renamed to stay unique (problems.jsonl and "
+                            f"resumption key on uids): {listed}{more}")
     if not problems:
         raise ValueError(f"no usable problems in {list(map(str, sources))}:\n{report.summary()}")
     return problems, report
 
 
-def _unique_uids(problems: list[Problem]) -> list[Problem]:
+def _unique_uids(problems: list[Problem]) -> tuple[list[Problem], list[tuple[str, str, str, int]]]:
+    """Problems with unique uids (a repeated uid gets `@<file stem>:<row>`), and every renaming
+    as (old uid, new uid, file, row)."""
     import dataclasses
 
     seen: set[str] = set()
-    out = []
+    out, renamed = [], []
     for p in problems:
         uid = p.uid
         if uid in seen:
             uid = f"{p.uid}@{Path(str(p.extra.get('file', ''))).stem}:{p.extra.get('row')}"
+            renamed.append((p.uid, uid, str(p.extra.get("file", "")), p.extra.get("row")))
         seen.add(uid)
         out.append(p if uid == p.uid else dataclasses.replace(p, uid=uid))
-    return out
+    return out, renamed
 
 
 def eval_set_names(sources: Sequence[Union[str, Path]]) -> dict[str, Union[str, Path]]:

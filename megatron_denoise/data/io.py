@@ -29,7 +29,7 @@ def read_table(path: PathLike) -> pa.Table:
         rows = []
         for i, rec in iter_jsonl(p):
             if isinstance(rec, Exception):
-                raise ValueError(f"{p} line {i + 1}: invalid JSON ({rec})")
+                raise ValueError(f"{p} line {i + 1}: {rec}")
             rows.append(rec)
         if not rows:
             raise ValueError(f"{p}: no rows")
@@ -54,16 +54,26 @@ def write_table(table: pa.Table, path: PathLike) -> None:
         raise
 
 
+class BadLine(ValueError):
+    """A JSONL line that is not a record: invalid UTF-8 or invalid JSON (the reason says which)."""
+
+
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
-    """(line index, record) for every non-blank line; a malformed line yields its exception."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    """(line index, record) for every non-blank line; a malformed line (bytes that are not UTF-8,
+    text that is not JSON) yields a BadLine saying why, so one bad line never hides the rest."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, BadLine(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
-                yield i, e
+                yield i, BadLine(f"invalid JSON ({e})")
 
 
 def read_jsonl_rows(path: PathLike) -> tuple[list[Any], list[int], list[tuple[int, str]]]:
@@ -78,7 +88,7 @@ def read_jsonl_rows(path: PathLike) -> tuple[list[Any], list[int], list[tuple[in
     rows, lines, bad = [], [], []
     for i, rec in iter_jsonl(p):
         if isinstance(rec, Exception):
-            bad.append((i, f"invalid JSON ({rec})"))
+            bad.append((i, str(rec)))
         else:
             rows.append(rec)
             lines.append(i)

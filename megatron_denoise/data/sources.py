@@ -138,7 +138,7 @@ def load_named_set(name: str, prompt: Optional[PromptConfig] = None,
     for i, rec in iter_jsonl(file):
         report.rows_read += 1
         if isinstance(rec, Exception):
-            report.bad_rows.append(BadRow(str(file), i, f"invalid JSON ({rec})"))
+            report.bad_rows.append(BadRow(str(file), i, str(rec)))
             continue
         problem = rec.get(spec.problem_field) if isinstance(rec, dict) else None
         if not isinstance(problem, str) or not problem.strip():

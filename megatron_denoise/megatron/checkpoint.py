@@ -108,9 +108,9 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
                     data_cursor: Optional[dict] = None, save_optimizer: bool = True,
                     keep_last: Optional[int] = None) -> Path:
     """Save the actor's model, optimizer, scheduler, RNG states, step and `data_cursor`
-    (a JSON-serialisable dict) atomically; every rank calls it. Returns the final folder."""
-    from megatron.core import dist_checkpointing
-
+    (a JSON-serialisable dict) atomically; every rank calls it. Returns the final folder.
+    A write that fails (a full disk: OSError) removes the half-written folder and raises an
+    OSError naming it and the checkpoint that stays the latest."""
     from megatron_denoise.megatron import parallel_state as ps
 
     root = Path(root)
@@ -130,7 +130,10 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
     fmt = _optimizer_format(actor)
     if save_optimizer:
         state["optimizer"] = actor.optimizer.sharded_state_dict(state, metadata=_opt_metadata(fmt))
-    dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=None)
+    try:
+        _write_dist(state, tmp / "dist")
+    except OSError as e:  # disk full, quota, I/O error: nothing is published, the last checkpoint stays
+        raise _save_failed(root, tmp, step, e) from e
     torch.save({"torch": torch.get_rng_state(), "tracker": ps.get_rng_tracker_states()},
                tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -156,6 +159,27 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
     return final
 
 
+def _write_dist(state: dict, path: Path) -> None:
+    """The shard writer (megatron's distributed checkpointing; tests replace it to simulate a full disk)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(state, str(path), content_metadata=None)
+
+
+def _save_failed(root: Path, tmp: Path, step: int, e: OSError) -> OSError:
+    """The error of a save that could not be written: the half-written folder is removed (rank 0)
+    and the message names the folder, the cause and the checkpoint that is still the latest."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kept = latest_checkpoint(root)
+    except (FileNotFoundError, CheckpointError):
+        kept = None
+    keep = f"{kept} is still the latest checkpoint" if kept is not None else "no earlier checkpoint exists"
+    return OSError(e.errno, f"saving the checkpoint of step {step} into {tmp} failed: "
+                            f"{e.strerror or e} (errno {e.errno}); nothing was published: {keep}")
+
+
 def _json_default(x: Any) -> Any:
     if is_dataclass(x):
         return asdict(x)
@@ -173,8 +197,50 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     name = marker.read_text().strip()
     path = root / name
     if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{marker} names {name!r}, but {path / 'meta.json'} does not exist")
+        found = complete_checkpoints(root)
+        hint = (f"; complete checkpoints here: {', '.join(p.name for p in found)} (resume one with "
+                f"checkpoint.resume={found[-1]})" if found else "; there is no complete checkpoint here")
+        raise FileNotFoundError(f"{marker} names {name!r}, but {path / 'meta.json'} does not exist{hint}")
     return path
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders under `root` that hold a meta.json, oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if (p / "meta.json").is_file())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file."""
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint's meta.json and its shard index (dist/.metadata) and check that every shard
+    file the index names exists and is as long as the index says (a truncated copy or a disk that
+    filled up); returns the meta dict. Reads no tensor data."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
+    dist_dir = path / "dist"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(dist_dir)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or cut index, whatever torch raises for it
+        raise CheckpointError(f"{dist_dir / '.metadata'}: the shard index is missing or unreadable "
+                              f"({type(e).__name__}: {e})") from None
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(need.items()):
+        f = dist_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard missing (named by {dist_dir / '.metadata'})")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{f} is truncated: {size} bytes, the shard index needs {end}")
+    return meta
 
 
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Optional[Path]:
@@ -183,11 +249,43 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Optional[Path]:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
-    p = Path(os.path.expanduser(resume)).resolve()
-    if not (p / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
+        p = latest_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
+    else:
+        p = Path(os.path.expanduser(resume)).resolve()
+        if not (p / "meta.json").is_file():
+            raise FileNotFoundError(f"checkpoint.resume: {p} is not a complete checkpoint (no meta.json)")
+    if p is not None:
+        try:
+            check_checkpoint(p)
+        except CheckpointError as e:
+            older = [c for c in complete_checkpoints(p.parent) if c.name < p.name]
+            hint = f"; an older checkpoint: checkpoint.resume={older[-1]}" if older else ""
+            raise CheckpointError(f"checkpoint.resume={resume}: {e}{hint}") from None
     return p
+
+
+def optimizer_resume_plan(meta: dict, layout: dict, optimizer_format: str) -> tuple[bool, Optional[str]]:
+    """(load the optimizer state?, why not, or None) for a checkpoint's meta at this run's layout
+    (a _layout_dict) and optimizer format. Optimizer state loads at the layout it was saved at, or
+    at any layout when saved in a reshardable format; otherwise the weights resume and the Adam
+    moments and LR schedule start fresh, and the reason names both layouts and the setting."""
+    if not meta.get("has_optimizer", False):
+        return False, None
+    saved_fmt = meta.get("optimizer_format", "dp_reshardable")
+    same_kind = (saved_fmt == "model_space") == (optimizer_format == "model_space")
+    if same_kind and (meta["layout"] == layout or saved_fmt in _RESHARDABLE):
+        return True, None
+    if not same_kind:
+        why = (f"it was saved by a {'regular' if saved_fmt == 'model_space' else 'distributed'} optimizer and this "
+               f"run uses a {'regular' if optimizer_format == 'model_space' else 'distributed'} one "
+               f"(parallel.use_distributed_optimizer)")
+    else:
+        changed = {k: (v, layout.get(k)) for k, v in meta["layout"].items() if layout.get(k) != v}
+        why = (f"it was saved as {saved_fmt} at layout {meta['layout']} and this run's layout differs in "
+               f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}; {saved_fmt} loads only at the "
+               f"layout it was saved at (save with checkpoint.optimizer_format=fully_reshardable to resume "
+               f"at any layout)")
+    return False, f"optimizer and LR-scheduler state start fresh: {why}; the weights are resumed"
 
 
 def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Optional[bool] = None,
@@ -210,19 +308,16 @@ def load_checkpoint(actor: Any, path: str | os.PathLike, *, load_optimizer: Opti
         if found is None:
             raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a root with a '{LATEST}' marker")
         path = found
-    meta = json.loads((path / "meta.json").read_text())
-    same_layout = meta["layout"] == _layout_dict(actor.groups.layout)
+    meta = check_checkpoint(path)
+    layout = _layout_dict(actor.groups.layout)
+    same_layout = meta["layout"] == layout
     saved_fmt = meta.get("optimizer_format", "dp_reshardable")
-    same_kind = (saved_fmt == "model_space") == (_optimizer_format(actor) == "model_space")
     if load_optimizer is None:
-        load_optimizer = bool(meta.get("has_optimizer", False)) and same_kind and (
-            same_layout or saved_fmt in _RESHARDABLE)
-        if meta.get("has_optimizer", False) and not load_optimizer and dist.get_rank() == 0:
-            why = ("it was saved by a distributed optimizer and this run uses a regular one, or the reverse"
-                   if not same_kind else f"it was saved as {saved_fmt} at layout {meta['layout']}, which loads only "
-                   f"at that layout (checkpoint.optimizer_format=fully_reshardable resumes at any layout)")
-            print(f"[megatron-denoise] {path}: optimizer and LR-scheduler state start fresh: {why}; "
-                  f"the weights are resumed", flush=True)
+        load_optimizer, why = optimizer_resume_plan(meta, layout, _optimizer_format(actor))
+        if why is not None:
+            meta["optimizer_note"] = f"{path}: {why}"
+            if dist.get_rank() == 0:
+                print(f"[megatron-denoise] {meta['optimizer_note']}", flush=True)
     if load_rng is None:
         load_rng = same_layout
 

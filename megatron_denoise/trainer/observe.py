@@ -517,8 +517,11 @@ class Progress:
         step_time = metrics.get(STEP_TIME_KEY)
         if step_time is None and self._done:
             step_time = elapsed / self._done
+        skipped = metrics.get("skipped") or 0.0
+        note = (f" | {skipped:.0f} update(s) skipped: loss or grad norm not finite (trainer.nan_guard)"
+                if skipped > 0 else "")
         return (f"step {step}/{self.total_steps} | reward {_fmt(metrics.get(REWARD_KEY))} | "
-                f"recovery {_fmt(metrics.get(RECOVERY_KEY))} | {_fmt(step_time, '.1f')} s/step | "
+                f"recovery {_fmt(metrics.get(RECOVERY_KEY))} | {_fmt(step_time, '.1f')} s/step{note} | "
                 f"ETA {format_duration(eta)}")
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -42,13 +42,19 @@ class ProblemStream:
 
         problems, report = load_problems(cfg.data.train_files, cfg.data, tokenizer=tokenizer,
                                          pool_column=cfg.denoise.pool_column)
+        check_pools(cfg, problems)
         return cls(problems, tokenizer, cfg.data.seed, cfg.data.shuffle, report)
 
     def describe(self) -> str:
         pools = sum(1 for p in self.problems if p.wrong_pool)
         dropped = len(self.report.bad_rows) if self.report is not None else 0
-        return (f"{len(self.problems)} training problems ({pools} with a wrong-solution pool; "
+        text = (f"{len(self.problems)} training problems ({pools} with a wrong-solution pool; "
                 f"{dropped} bad rows skipped)")
+        if dropped:
+            text += "".join(f"\n  {b}" for b in self.report.bad_rows[:3])
+            text += f"\n  ... and {dropped - 3} more" if dropped > 3 else ""
+        notes = self.report.notes if self.report is not None else []
+        return text + "".join(f"\n  note: {n}" for n in notes)
 
     def next_problems(self, n: int) -> list[Problem]:
         out = [self.problems[i] for i in self.cursor.next_indices(n)]
@@ -64,6 +70,20 @@ class ProblemStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor.load_state_dict(state)
+
+
+def check_pools(cfg: Config, problems: list) -> None:
+    """K > 0 rows drawn from the prepared pools need a pool somewhere: training files in which no
+    problem has one would turn every denoise row into an ordinary rollout (plain GRPO, silently).
+    A problem without a pool is fine (its denoise slots fall back, counted per step)."""
+    dn = cfg.denoise
+    offline_wrong = (str(getattr(dn, "pool_source", "offline")) == "offline"
+                     and str(getattr(dn, "prefix_kind", "wrong")) == "wrong")
+    if dn.k_denoise > 0 and offline_wrong and problems and not any(p.wrong_pool for p in problems):
+        raise ValueError(f"data.train_files {list(map(str, cfg.data.train_files))}: none of the {len(problems)} "
+                         f"problems has an entry in the pool column {dn.pool_column!r}, and denoise.k_denoise is "
+                         f"{dn.k_denoise}: every denoise row would be an ordinary rollout. Build the pool first "
+                         f"(launch/prepare_data.py or prepare.pool), or set denoise.k_denoise=0 for plain GRPO")
 
 
 def load_eval_sets(cfg: Config, tokenizer: Any) -> dict[str, list[Problem]]:

@@ -67,6 +67,9 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
     try:
         hf_path = resolve_model_path(cfg)
         tokenizer = AutoTokenizer.from_pretrained(hf_path)
+        from megatron_denoise.convert.check import check_model_folder
+
+        check_model_folder(hf_path, tokenizer)  # before any worker: missing/truncated shards, architecture, vocab
         problems = ProblemStream.from_config(cfg, tokenizer)
         print(f"[megatron-denoise] {problems.describe()}", flush=True)
         random.seed(cfg.trainer.seed)
@@ -99,6 +102,8 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         if resume_from is not None:
             meta = policy.load(str(resume_from))
             start = int(meta["step"])
+            if meta.get("optimizer_note"):  # printed by rank 0 into its worker log: say it here too
+                print(f"[megatron-denoise] {meta['optimizer_note']}", flush=True)
             problems.load_state_dict(meta["data_cursor"]["problems"])
             saved = meta["data_cursor"].get("denoise")
             if (saved is None) != (denoise_state is None):

@@ -12,6 +12,11 @@ def test_none_auto_and_explicit_paths(tmp_path):
     assert resolve_resume("auto", root) is None                      # nothing saved yet
     (root / "step_2").mkdir(parents=True)
     (root / "step_2" / "meta.json").write_text("{}")
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    # resolve_resume checks the shard files against the shard index (truncated copies: issue 17)
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(root / "step_2" / "dist"))
     (root / "latest").write_text("step_2\n")
     assert resolve_resume("auto", root) == root / "step_2"
     assert resolve_resume("none", root) is None
