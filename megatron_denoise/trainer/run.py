@@ -227,7 +227,15 @@ def _validate(cfg: Config, engine, tokenizer, eval_sets, scorer, prompt_ids, ste
 
     res = evaluate(engine, tokenizer, eval_sets, cfg.eval, scorer=scorer, max_tokens=cfg.data.max_response_length,
                    seed=cfg.rollout.seed, prompt_ids=prompt_ids)
-    print(res.markdown(), flush=True)
+    from megatron_denoise.console import log_dir
+
+    if log_dir() is None:  # --verbose (or no filtered console): the table
+        print(res.markdown(), flush=True)
+    else:  # one line on the console; the table goes to logs/driver.log (and eval/step_<n>.json below)
+        sets = ", ".join(f"{name} AVG@{r.k} {100 * r.avg_at_k:.1f}% (pass@{r.k} {100 * r.pass_at_k:.1f}%)"
+                         for name, r in res.sets.items())
+        print(f"[megatron-denoise] validation after step {step}: {sets}; overall {100 * res.overall:.1f}%", flush=True)
+        print(res.markdown(), file=sys.stderr, flush=True)
     # per-problem scores of every validation (the science benchmark buckets them by difficulty)
     out = _path(cfg.logging.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -152,3 +152,56 @@ def test_the_warm_start_child_gets_a_log_file_and_the_console_a_bar(tmp_path):
             assert "exited with code 3" in proc.stdout and "THIRD-PARTY in the warm-start" in proc.stdout
         else:
             assert "[sft] step" not in proc.stdout and "THIRD-PARTY" not in proc.stdout
+
+
+def test_a_validation_is_one_console_line_and_its_table_goes_to_the_log(tmp_path, monkeypatch, capsys):
+    """Under the filtered console the trainer's validation prints one line (every set's AVG@k and
+    pass@k, the overall figure); the markdown table goes to stderr, which is logs/driver.log there."""
+    import re
+
+    from megatron_denoise import console
+    from megatron_denoise.config.schema import Config, DataConfig, TaskConfig
+    from megatron_denoise.core.types import Completion
+    from megatron_denoise.data import load_eval_set
+    from megatron_denoise.prepare.models import byte_tokenizer
+    from megatron_denoise.prepare.tasks import TESTBED_PROMPT, write_task_file
+    from megatron_denoise.reward.boxed import last_boxed
+    from megatron_denoise.reward.result import VerifyResult, VerifyStatus
+    from megatron_denoise.trainer.problems import PromptCache
+    from megatron_denoise.trainer.run import _validate
+
+    tok = byte_tokenizer()
+
+    class Engine:  # answers 2 of every 4 samples right: AVG@4 50%, pass@4 100%
+        def generate(self, requests, sampling):
+            out = []
+            for r in requests:
+                expr = re.search(r"Compute ([0-9+\-]+)\.", tok.decode(r.engine_input_ids)).group(1)
+                val = eval(expr) + (r.slot % 2)  # noqa: S307 - digits and +/- only
+                ids = tok("\\boxed{%d}" % val, add_special_tokens=False)["input_ids"]
+                out.append(Completion(token_ids=tuple(ids) + (tok.eos_token_id,), finish_reason="stop"))
+            return out
+
+    class Scorer:
+        def score_batch(self, texts, truths):
+            return [VerifyResult(score=float(last_boxed(t) == g), status=VerifyStatus.OK, answer=last_boxed(t))
+                    for t, g in zip(texts, truths)]
+
+    held = tmp_path / "heldout.parquet"
+    write_task_file(held, TaskConfig(seed=2, count=10, max_operand=9), TESTBED_PROMPT, "heldout")
+    data = DataConfig(prompt=TESTBED_PROMPT)
+    cfg = Config()
+    cfg.data = data
+    cfg.logging.output_dir = str(tmp_path / "run")
+    cfg.eval.k = {"heldout": 4}
+    sets = {"heldout": load_eval_set(str(held), data, tok)}
+    monkeypatch.setattr(console, "log_dir", lambda: tmp_path / "logs")
+    metrics = _validate(cfg, Engine(), tok, sets, Scorer(), PromptCache(tok), step=20)
+    out, err = capsys.readouterr()
+    assert metrics["val/heldout/avg@4"] == 0.5
+    assert out.splitlines() == ["[megatron-denoise] validation after step 20: heldout AVG@4 50.0% (pass@4 100.0%); "
+                                "overall 50.0%"]
+    assert "| heldout | 10 | 4 | 50.0 | 100.0 |" in err
+    monkeypatch.setattr(console, "log_dir", lambda: None)  # --verbose: the table on the console
+    _validate(cfg, Engine(), tok, sets, Scorer(), PromptCache(tok), step=40)
+    assert "| heldout | 10 | 4 | 50.0 | 100.0 |" in capsys.readouterr().out
