@@ -488,6 +488,9 @@ class TrainerConfig:
     test_freq: int = f(10, "Validate every n steps (0: never)")
     val_before_train: bool = f(False, "Validate once before the first step (not on resume): the before-RL baseline")
     nan_guard: bool = f(True, "Skip an update whose loss or grad norm is NaN/Inf, and report it")
+    call_timeout_s: float = f(3600.0, "Longest wait for one call to the Ray workers (a step's train, a refit, a "
+                              "generate, a checkpoint save); past it the run stops with an error naming the call "
+                              "and the workers that did not answer. A dead worker is noticed within seconds")
 
 
 @dataclass

@@ -134,6 +134,9 @@ def save_checkpoint(actor: Any, root: str | os.PathLike, *, step: Optional[int] 
         _write_dist(state, tmp / "dist")
     except OSError as e:  # disk full, quota, I/O error: nothing is published, the last checkpoint stays
         raise _save_failed(root, tmp, step, e) from e
+    from megatron_denoise import chaos
+
+    chaos.point("save")  # chaos harness: the shards are written, nothing is published yet
     torch.save({"torch": torch.get_rng_state(), "tracker": ps.get_rng_tracker_states()},
                tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:

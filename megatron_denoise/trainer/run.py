@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_denoise import chaos
 from megatron_denoise.config.schema import Config
+from megatron_denoise.trainer.faults import CallTimeout, RunAborted, WorkerDied
 from megatron_denoise.trainer.signals import EXIT_PREEMPTED, GracefulStop
 
 
@@ -147,6 +149,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
             state.update(rollouts.state_dict())  # one_step: the next step's finished rows
             if denoise_state is not None:  # only then: the paper's checkpoints are unchanged
                 state["denoise"] = denoise_state.state_dict()
+            chaos.point("save")  # (the harness gives it a delay: the kill lands while the ranks write)
             return policy.save(str(run.ckpt_dir), step, state, cfg.checkpoint.keep_last)
 
         # which problems each step trained on (a resumed run must repeat none and skip none)
@@ -167,6 +170,7 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
                 metrics.update(_validate(cfg, engine, tokenizer, eval_sets, scorer, eval_prompt_ids, step))
                 held_out[step] = metrics["val/overall"]
             logger.log(step, metrics)
+            chaos.point("metrics")  # the step's metrics line is written, its checkpoint is not
             progress.update(step, metrics)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 save(step)
@@ -200,6 +204,18 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
         for k, v in outputs.items():
             print(f"  {k:12s} {v}", flush=True)
         return 0
+    except (WorkerDied, CallTimeout) as e:
+        # a dead policy rank (or a worker that stopped answering) ends the run, saying where to resume
+        from megatron_denoise.megatron.checkpoint import latest_checkpoint
+
+        try:
+            last = latest_checkpoint(run.ckpt_dir)
+        except OSError:
+            last = None
+        msg = (f"{str(e).rstrip('.')}. The run stops; last complete checkpoint: {last or 'none'} "
+               f"(resume with checkpoint.resume=auto)")
+        print(f"[megatron-denoise] ERROR: {msg}", file=sys.stderr, flush=True)
+        raise RunAborted(msg) from e
     finally:
         run.close()
         stop.restore()

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from dataclasses import replace
 
+from megatron_denoise import chaos
 from megatron_denoise.config.schema import AsyncMode, Config, KLUse, PrefixKind
 from megatron_denoise.core.advantages import DynamicSampler, apply_overlong_shaping, compute_advantages
 from megatron_denoise.core.fold import fold_rollout, pack, verifier_text
@@ -96,11 +97,13 @@ def generate_and_verify(ctx: StepContext, problems: list[Problem], step: int, ge
     # generate: main and denoise rows in ONE call, so the engine batches them and shares prompts;
     # the engine also returns its sampling log-probs when the mismatch is measured or corrected
     with timer.phase("generate"):
+        chaos.point("generate")
         completions = ctx.engine.generate(plan.requests, SamplingSpec.from_config(
             cfg.rollout, logprobs=mismatch_wanted(cfg)))
 
     # verify: prefix + continuation, last \boxed{} against the ground truth
     with timer.phase("reward"):
+        chaos.point("reward")
         texts = [verifier_text(req, comp, ctx.decode) for req, comp in zip(plan.requests, completions)]
         truths = [problems[req.group_id].ground_truth for req in plan.requests]
         results = ctx.scorer.score_batch(texts, truths)
@@ -255,6 +258,7 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     if is_weights is not None:
         extra["is_weights"] = is_weights
     with timer.phase("train"):
+        chaos.point("train")
         train_metrics = ctx.policy.train(batch, None if algo.force_on_policy else old_logprobs, **extra)
     _policy_empty_cache(ctx)
 
@@ -269,6 +273,7 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
             ctx.engine.wake_up(tags=["weights"])
     refit_figures = None
     with timer.phase("refit"):
+        chaos.point("refit")
         if updated or slept == 2:
             refit_figures = ctx.policy.refit(ctx.engine)
     if slept:
@@ -291,8 +296,26 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     # generate / reward: the rows' own wall time (with one_step spent while the previous step trained)
     metrics.update({f"time/{k}": v for k, v in rollouts.seconds.items()})
     metrics.update(sched.metrics(rollouts))
+    # faults the workers recovered from since the previous step's metrics (run-long counts)
+    now, last = fault_counts(ctx), ctx.totals.get("faults", {})
+    metrics.update({f"faults/{k}": float(v - last.get(k, 0)) for k, v in now.items()})
+    ctx.totals["faults"] = now
     metrics["step"] = float(step + 1)
     return metrics
+
+
+def fault_counts(ctx: StepContext) -> dict[str, int]:
+    """Run-long counts of the faults the workers recovered from (logged per step as faults/*):
+    verifier workers that died while judging (replaced, their answers judged again), rollout
+    replicas re-created (and refitted from the policy) and generate calls retried."""
+    stats = getattr(ctx.scorer, "stats", None)
+    stats = stats if isinstance(stats, dict) else {}
+    engine = getattr(ctx.engine, "faults", None)
+    engine = engine if isinstance(engine, dict) else {}
+    return {"verifier_restarts": int(stats.get("workers_died", 0)),
+            "verifier_rescored": int(stats.get("rescored", 0)),
+            "rollout_restarts": int(engine.get("rollout_restarts", 0)),
+            "generate_retries": int(engine.get("generate_retries", 0))}
 
 
 def _engine_sleep(ctx: StepContext, timer: PhaseTimer) -> int:

@@ -20,6 +20,7 @@ import os
 import socket
 from typing import Any, Optional
 
+from megatron_denoise import chaos
 from megatron_denoise.config.schema import Config, PartialMode
 
 
@@ -79,6 +80,7 @@ class PolicyWorkerImpl:
         redirect_worker_output(f"policy_rank{rank}")  # before anything imports and warns
         self._args = (cfg_dict, rank, world_size, master_addr, master_port, hf_path)
         self.rank = rank
+        chaos.set_role(f"policy{rank}")
 
     def where(self) -> dict:
         from megatron_denoise.placement import where_am_i
@@ -124,6 +126,7 @@ class PolicyWorkerImpl:
     def compute_logprobs(self, packed) -> Any:
         from megatron_denoise.megatron.batching import ActorBatch
 
+        chaos.point("logprob")
         logp, _ = self.actor.compute_logprobs(ActorBatch.from_packed(packed))
         return logp if self.rank == 0 else None
 
@@ -133,18 +136,22 @@ class PolicyWorkerImpl:
         logp = self.actor.compute_ref_logprobs(ActorBatch.from_packed(packed))
         return logp if self.rank == 0 else None
 
-    def train(self, packed, old_logprobs, ref_logprobs=None, is_weights=None) -> Optional[dict]:
+    def train(self, packed, old_logprobs, ref_logprobs=None, is_weights=None, return_logprobs=False) -> Any:
+        """The update's metrics (rank 0; None elsewhere); with return_logprobs, (metrics, the
+        log-probs of the update's forward pass [rows, W]) (MegatronActor.update)."""
         from megatron_denoise.megatron.batching import ActorBatch
 
+        chaos.point("train")
         updates = self.actor.update(ActorBatch.from_packed(packed, old_logprobs=old_logprobs,
-                                                           ref_logprobs=ref_logprobs, is_weights=is_weights))
+                                                           ref_logprobs=ref_logprobs, is_weights=is_weights),
+                                    return_logprobs=return_logprobs)
         if self.rank != 0:
             return None
         # several updates (ppo_epochs x mini_batches): report their mean, and how many were skipped
         out = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         out["skipped"] = float(sum(u["skipped"] for u in updates))
         out["updates"] = float(len(updates))
-        return out
+        return (out, self.actor.last_logprobs) if return_logprobs else out
 
     def refit(self, targets: list, bucket_bytes: int, transport: str = "shm") -> dict:
         """Stream the weights (HF names) into `targets`, the engine processes this rank feeds (its
@@ -158,21 +165,40 @@ class PolicyWorkerImpl:
         from megatron_denoise.rollout.refit import PeakRSS, stream_buckets
 
         stats = {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "engine_seconds": 0.0}
+        chaos.point("refit")
+        timeout = float(self.cfg.trainer.call_timeout_s)
+        # an engine that dies (or hangs) mid-refit must not leave this rank's peers waiting in a
+        # gather: the first failure stops the pushes, the gathers run to the end, then it raises
+        failed: list = []
+        done: list = []
         with PeakRSS() as mem:
             if targets:
-                ray.get([t.refit_begin.remote() for t in targets])
-            try:
-                keep = None if targets else (lambda name: False)
-                for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep,
-                                             transport=transport):
-                    ref = ray.put(bucket)
-                    ray.get([t.refit_push.remote(ref) for t in targets])  # one bucket in flight
-                    stats["buckets"] += 1
-                    stats["bytes"] += bucket.nbytes
-                    stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], bucket.nbytes)
-                    del ref, bucket
-            finally:
-                done = ray.get([t.refit_end.remote() for t in targets]) if targets else []
+                try:
+                    ray.get([t.refit_begin.remote() for t in targets], timeout=timeout)
+                except Exception as e:  # noqa: BLE001 - raised after the gathers
+                    failed.append(e)
+            keep = lambda name: bool(targets) and not failed  # noqa: E731
+            for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep,
+                                         transport=transport):
+                if failed:
+                    continue
+                ref = ray.put(bucket)
+                try:
+                    ray.get([t.refit_push.remote(ref) for t in targets], timeout=timeout)  # one bucket in flight
+                except Exception as e:  # noqa: BLE001
+                    failed.append(e)
+                stats["buckets"] += 1
+                stats["bytes"] += bucket.nbytes
+                stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], bucket.nbytes)
+                del ref, bucket
+            if targets:
+                try:
+                    done = ray.get([t.refit_end.remote() for t in targets], timeout=timeout)
+                except Exception as e:  # noqa: BLE001
+                    failed.append(e)
+        if failed:
+            raise RuntimeError(f"policy rank {self.rank}: refit into its engine processes failed: "
+                               f"{type(failed[0]).__name__}: {str(failed[0]).splitlines()[0][:300]}")
         stats["engine_seconds"] = max([d["seconds"] for d in done], default=0.0)
         stats["engine_tensors"] = [d["tensors"] for d in done]
         stats["peak_extra_bytes"] = mem.extra_bytes
@@ -217,6 +243,7 @@ class EngineReplicaImpl:
         self.replica, self.tp_rank, self.tp_size = replica, tp_rank, tp_size
         self._rendezvous = (master_addr, master_port)
         self.engine = None
+        chaos.set_role("rollout")
         self._refit = None
 
     def where(self) -> dict:
@@ -241,6 +268,7 @@ class EngineReplicaImpl:
         self.engine = make_engine(model_path, rc, max_model_len=max_model_len, run_dir=run_dir, dtype=dtype, **opts)
 
     def generate(self, requests, sampling):
+        chaos.point("generate")
         return self.engine.generate(requests, sampling)
 
     def update_weights(self, named) -> float:
@@ -252,6 +280,7 @@ class EngineReplicaImpl:
 
         from megatron_denoise.rollout.refit import BucketStream
 
+        chaos.point("refit")
         if self._refit is not None:
             raise RuntimeError(f"replica {self.replica}: a refit is already under way")
         stream = BucketStream()
@@ -326,10 +355,12 @@ def log_where(where: dict) -> None:
 class PolicyGroup:
     """Fans calls out to every rank's worker; returns rank 0's answer."""
 
-    def __init__(self, workers: list, placement: Any, bucket_bytes: int = 256 << 20) -> None:
+    def __init__(self, workers: list, placement: Any, bucket_bytes: int = 256 << 20,
+                 call_timeout_s: float = 3600.0) -> None:
         self.workers = workers
         self.placement = placement
         self.bucket_bytes = bucket_bytes
+        self.call_timeout_s = float(call_timeout_s)
         self.last_refit: dict = {}
 
     @property
@@ -358,7 +389,8 @@ class PolicyGroup:
         except BaseException:
             placement.remove()
             raise
-        group = cls(workers, placement, bucket_bytes=int(cfg.rollout.refit_bucket_mb) << 20)
+        group = cls(workers, placement, bucket_bytes=int(cfg.rollout.refit_bucket_mb) << 20,
+                    call_timeout_s=cfg.trainer.call_timeout_s)
         group.call("setup")
         return group
 
@@ -366,9 +398,39 @@ class PolicyGroup:
         return self.call_all(method, *args, **kwargs)[0]
 
     def call_all(self, method: str, *args, **kwargs) -> list:
+        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method)
+
+    def _wait(self, refs: list, call: str, timeout_s: Optional[float] = None) -> list:
+        """Every rank's answer, in rank order; a dead rank raises WorkerDied naming it (also when
+        a surviving rank reports the broken collective first), a silent one CallTimeout."""
+        from megatron_denoise.trainer.faults import WorkerDied, wait_all
+
+        names = [f"policy rank {r}" for r in range(len(refs))]
+        try:
+            return wait_all(refs, names, call, self.call_timeout_s if timeout_s is None else timeout_s)
+        except WorkerDied:
+            raise
+        except Exception as e:
+            dead = self.dead_ranks(refs)
+            if dead:
+                raise WorkerDied(names[dead[0]], call, e) from e
+            raise
+
+    def dead_ranks(self, refs: list, grace_s: float = 10.0) -> list[int]:
+        """Ranks whose call `refs` ended in the actor's death, given `grace_s` to show it."""
         import ray
 
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        from megatron_denoise.trainer.faults import _dead
+
+        ray.wait(list(refs), num_returns=len(refs), timeout=grace_s)
+        dead = []
+        for r, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0.1)
+            except Exception as e:  # noqa: BLE001
+                if _dead(e):
+                    dead.append(r)
+        return dead
 
     def compute_logprobs(self, batch) -> Any:
         return self.call("compute_logprobs", batch)
@@ -376,8 +438,12 @@ class PolicyGroup:
     def compute_ref_logprobs(self, batch) -> Any:
         return self.call("compute_ref_logprobs", batch)
 
-    def train(self, batch, old_logprobs, ref_logprobs=None, is_weights=None) -> dict:
-        return self.call("train", batch, old_logprobs, ref_logprobs, is_weights)
+    # train(..., return_logprobs=True) -> (metrics, log-probs of the update's forward pass): the
+    # trainer's mismatch metrics take them instead of a separate old-log-prob forward (trainer.step)
+    trains_with_logprobs = True
+
+    def train(self, batch, old_logprobs, ref_logprobs=None, is_weights=None, return_logprobs=False) -> Any:
+        return self.call("train", batch, old_logprobs, ref_logprobs, is_weights, return_logprobs)
 
     def empty_cache(self) -> None:
         self.call_all("empty_cache")
@@ -394,17 +460,22 @@ class PolicyGroup:
             targets[i % len(self.workers) if r is None else r].append(handle)
         return targets
 
-    def refit(self, engine: "RolloutFleet") -> dict:
-        """Bucketed refit of every replica; returns the step's refit figures (also in last_refit)."""
-        import ray
-
+    def refit(self, engine: "RolloutFleet", _retry: bool = True) -> dict:
+        """Bucketed refit of every replica; returns the step's refit figures (also in last_refit).
+        An engine process that died is re-created and the refit done again (once)."""
         if not isinstance(engine, RolloutFleet):  # a plain engine (tests): the old full push
             raise TypeError(f"PolicyGroup.refit needs a RolloutFleet, got {type(engine).__name__}")
         targets = self.refit_targets(engine)
         # colocated: the replica shares the rank's node (and GPU): a reused shared buffer (CUDA IPC
         # on GPU); otherwise Ray's object store
         transport = "shm" if self.placement.plan.colocate else "object"
-        per_rank = ray.get([w.refit.remote(t, self.bucket_bytes, transport) for w, t in zip(self.workers, targets)])
+        try:
+            per_rank = self._wait([w.refit.remote(t, self.bucket_bytes, transport)
+                                   for w, t in zip(self.workers, targets)], "refit")
+        except Exception:
+            if not (_retry and engine.restart_dead()):
+                raise
+            return self.refit(engine, _retry=False)
         self.last_refit = {
             "refit/buckets": float(max(p["buckets"] for p in per_rank)),
             "refit/mb_sent": sum(p["bytes"] for p in per_rank) / 2**20,
@@ -426,8 +497,8 @@ class PolicyGroup:
     def shutdown(self) -> None:
         import ray
 
-        try:
-            self.call("shutdown")
+        try:  # a rank whose peer died may hang in its teardown: bounded, then killed
+            self._wait([w.shutdown.remote() for w in self.workers], "shutdown", timeout_s=30.0)
         finally:
             for w in self.workers:
                 ray.kill(w)
@@ -439,10 +510,64 @@ class RolloutFleet:
     a step's rows are sharded over the replicas (balanced by expected tokens, a problem's rows
     together) and come back in request order; sleep / wake_up go to every replica."""
 
-    def __init__(self, replicas: list[list], slots: tuple = ()) -> None:
+    def __init__(self, replicas: list[list], slots: tuple = (), call_timeout_s: float = 3600.0) -> None:
         self.replicas = replicas          # [replica][tp_rank] -> actor handle
         self.slots = slots
         self.last_shards: list[list[int]] = []
+        self.call_timeout_s = float(call_timeout_s)
+        # run-long counts of recovered faults (the trainer logs them per step as faults/*)
+        self.faults = {"rollout_restarts": 0, "generate_retries": 0}
+        self._spawn = None    # replica index -> its new actor handles (set by create)
+        self.policy = None    # refits a re-created replica (set by create)
+
+    def _names(self) -> list[str]:
+        return [f"rollout replica {j} tp-rank {t}" for j, rep in enumerate(self.replicas) for t in range(len(rep))]
+
+    def _wait(self, refs: list, names: list[str], call: str, timeout_s: Optional[float] = None) -> list:
+        from megatron_denoise.trainer.faults import wait_all
+
+        return wait_all(refs, names, call, self.call_timeout_s if timeout_s is None else timeout_s)
+
+    def dead_replicas(self, grace_s: float = 10.0) -> list[int]:
+        """Replicas with a process that is gone (a cheap call to each, given `grace_s`)."""
+        import ray
+
+        from megatron_denoise.trainer.faults import _dead
+
+        refs = [(j, h.where.remote()) for j, rep in enumerate(self.replicas) for h in rep]
+        ray.wait([r for _, r in refs], num_returns=len(refs), timeout=grace_s)
+        dead = set()
+        for j, ref in refs:
+            try:
+                ray.get(ref, timeout=0.1)
+            except Exception as e:  # noqa: BLE001
+                if _dead(e):
+                    dead.add(j)
+        return sorted(dead)
+
+    def restart_dead(self) -> bool:
+        """Re-create every replica with a dead process (its surviving TP ranks too: they meet the
+        new ones in a fresh rendezvous) in the same placement slots; False if none was dead or the
+        fleet cannot re-create. The new replicas hold the model folder's weights until refitted."""
+        import ray
+
+        dead = self.dead_replicas() if self._spawn is not None else []
+        if not dead:
+            return False
+        for j in dead:
+            print(f"[megatron-denoise] rollout replica {j} died: re-creating it", flush=True)
+            for h in self.replicas[j]:
+                ray.kill(h)
+            self.replicas[j] = self._spawn(j)
+            self.faults["rollout_restarts"] += 1
+        return True
+
+    def recover(self) -> bool:
+        """restart_dead, then refit the new replicas from the policy (the current weights)."""
+        if not self.restart_dead():
+            return False
+        self.policy.refit(self)
+        return True
 
     @property
     def num_replicas(self) -> int:
@@ -462,49 +587,85 @@ class RolloutFleet:
             max_len += cfg.data.max_response_length  # a prefix of up to R tokens plus R more
         dtype = cfg.rollout.dtype or cfg.model.params_dtype
         rc = dataclasses.asdict(cfg.rollout)
+        if not rc["cpu_threads"]:  # each engine process: its colocated policy rank's share (PolicyWorkerImpl.setup)
+            rc["cpu_threads"] = max(1, (os.cpu_count() or 1) // cfg.cluster.world_size)
         remote = ray.remote(EngineReplicaImpl)
-        replicas = []
-        for j, slots in enumerate(plan.replicas):
+
+        def start(j: int) -> list:
+            slots = plan.replicas[j]
             addr, port = (placement.rendezvous(slots[0].group, slots[0].bundle) if len(slots) > 1
                           else (None, _free_port()))
-            replicas.append([remote.options(**placement.options(s)).remote(
-                model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots])
-        fleet = cls(replicas, plan.replicas)
+            return [remote.options(**placement.options(s)).remote(
+                model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots]
+
+        def ready(fleet: "RolloutFleet", js: list[int]) -> None:
+            log_where(placement.wait_ready({s: h.where.remote() for j in js
+                                            for s, h in zip(plan.replicas[j], fleet.replicas[j])}))
+            fleet._wait([h.setup.remote() for j in js for h in fleet.replicas[j]],
+                        [f"rollout replica {j} tp-rank {t}" for j in js for t in range(len(fleet.replicas[j]))],
+                        "setup")
+
+        fleet = cls([start(j) for j in range(len(plan.replicas))], plan.replicas,
+                    call_timeout_s=cfg.trainer.call_timeout_s)
         try:
-            log_where(placement.wait_ready({s: h.where.remote() for slots, hs in zip(plan.replicas, replicas)
-                                            for s, h in zip(slots, hs)}))
-            ray.get([h.setup.remote() for h in fleet.handles()])
+            ready(fleet, list(range(fleet.num_replicas)))
         except BaseException:
             for h in fleet.handles():
                 ray.kill(h)
             raise
+
+        def spawn(j: int) -> list:
+            fleet.replicas[j] = start(j)
+            ready(fleet, [j])
+            return fleet.replicas[j]
+
+        fleet._spawn, fleet.policy = spawn, policy
         return fleet
 
     def where(self) -> list[list[dict]]:
-        import ray
-
-        return [ray.get([h.where.remote() for h in rep]) for rep in self.replicas]
+        flat = self._wait([h.where.remote() for h in self.handles()], self._names(), "where")
+        it = iter(flat)
+        return [[next(it) for _ in rep] for rep in self.replicas]
 
     def generate(self, requests, sampling):
-        import ray
+        """Completions in request order. A replica that dies is re-created, refitted from the
+        policy and the call retried once (counted in faults)."""
+        from megatron_denoise.trainer.faults import WorkerDied
 
+        try:
+            return self._generate(requests, sampling)
+        except WorkerDied:
+            if not self.recover():
+                raise
+        self.faults["generate_retries"] += 1
+        return self._generate(requests, sampling)
+
+    def _generate(self, requests, sampling):
         from megatron_denoise.rollout.engine import shard_rows
 
         requests = list(requests)
         shards = shard_rows(requests, self.num_replicas)
         self.last_shards = shards
         refs = []
-        for rep, idx in zip(self.replicas, shards):
+        self._busy = []
+        for j, (rep, idx) in enumerate(zip(self.replicas, shards)):
             if not idx:
                 continue
+            self._busy.append(j)
             rows = [requests[i] for i in idx]
             calls = [h.generate.remote(rows, sampling) for h in rep]  # every TP rank gets the same call
             refs.append((idx, calls[0], calls[1:]))
         out: list = [None] * len(requests)
+        names = {j: [f"rollout replica {j} tp-rank {t}" for t in range(len(rep))]
+                 for j, rep in enumerate(self.replicas)}
+        flat = [(j, c) for j, (_, first, rest) in zip(self._busy, refs) for c in [first, *rest]]
+        values = self._wait([c for _, c in flat], [names[j][k] for k, (j, _) in
+                                                   zip(_tp_index(flat), flat)], "generate")
+        pos = 0
         for idx, first, rest in refs:
-            for i, comp in zip(idx, ray.get(first)):
+            for i, comp in zip(idx, values[pos]):
                 out[i] = comp
-            ray.get(rest)
+            pos += 1 + len(rest)
         return out
 
     def update_weights(self, named, bucket_bytes: Optional[int] = None, transport: str = "object") -> float:
@@ -514,39 +675,55 @@ class RolloutFleet:
 
         from megatron_denoise.rollout.refit import DEFAULT_BUCKET_BYTES, stream_buckets
 
-        hs = self.handles()
-        ray.get([h.refit_begin.remote() for h in hs])
+        hs, names = self.handles(), self._names()
+        self._wait([h.refit_begin.remote() for h in hs], names, "refit_begin")
         try:
             for bucket in stream_buckets(named, bucket_bytes or DEFAULT_BUCKET_BYTES, transport=transport):
                 ref = ray.put(bucket)
-                ray.get([h.refit_push.remote(ref) for h in hs])
+                self._wait([h.refit_push.remote(ref) for h in hs], names, "refit_push")
         finally:
-            done = ray.get([h.refit_end.remote() for h in hs])
+            done = self._wait([h.refit_end.remote() for h in hs], names, "refit_end")
         return max(d["seconds"] for d in done)
 
-    def sleep(self, level: Optional[int] = None) -> None:
-        import ray
+    def _all(self, method: str, *args) -> list:
+        """Call every engine process; a dead replica is re-created and refitted, then the call is
+        made again (once)."""
+        from megatron_denoise.trainer.faults import WorkerDied
 
-        ray.get([h.sleep.remote(level) for h in self.handles()])
+        try:
+            return self._wait([getattr(h, method).remote(*args) for h in self.handles()], self._names(), method)
+        except WorkerDied:
+            if not self.recover():
+                raise
+        return self._wait([getattr(h, method).remote(*args) for h in self.handles()], self._names(), method)
+
+    def sleep(self, level: Optional[int] = None) -> None:
+        self._all("sleep", level)
 
     def wake_up(self, tags: Optional[list] = None) -> None:
-        import ray
-
-        ray.get([h.wake_up.remote(tags) for h in self.handles()])
+        self._all("wake_up", tags)
 
     def memory_log(self) -> list:
-        import ray
-
-        return ray.get(self.replicas[0][0].memory_log.remote())
+        return self._wait([self.replicas[0][0].memory_log.remote()], self._names()[:1], "memory_log")[0]
 
     def close(self) -> None:
         import ray
 
         try:
-            ray.get([h.close.remote() for h in self.handles()])
+            self._wait([h.close.remote() for h in self.handles()], self._names(), "close", timeout_s=60.0)
         finally:
             for h in self.handles():
                 ray.kill(h)
 
 
 RolloutWorker = RolloutFleet  # the trainer's older name
+
+
+def _tp_index(flat: list) -> list[int]:
+    """The TP rank of each (replica, call) pair of a generate fan-out (calls listed rank 0 first)."""
+    out, last, k = [], None, 0
+    for j, _ in flat:
+        k = k + 1 if j == last else 0
+        out.append(k)
+        last = j
+    return out
