@@ -329,6 +329,9 @@ class RolloutConfig:
     max_num_seqs: int = f(256, "Engine batch size limit")
     dtype: Optional[DType] = f(None, "Engine dtype (null: model.params_dtype)")
     cpu_kvcache_space_gb: int = f(1, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads: int = f(0, "Intra-op threads of each engine process on CPU (0: its colocated policy rank's "
+                            "share, os.cpu_count() // cluster.world_size: the engine generates while that rank "
+                            "waits; Ray alone would give it 1)")
     seed: int = f(0, "Base sampling seed; per-request seeds derive from it, the step and the row")
     sleep_level: int = f(2, "GPU memory choreography of a colocated engine (vLLM sleep mode): after generating it "
                             "sleeps at this level while the actor computes log-probs and trains, then wakes its "
@@ -484,6 +487,13 @@ class OptimizerConfig:
 class TrainerConfig:
     total_steps: int = f(500, "Training steps")
     micro_batch_tokens: int = f(16384, "Token budget per micro-batch (sequence packing)")
+    segment_attention: bool = f(True, "CPU (local spec, cp 1): attention per packed sequence (torch SDPA, causal) "
+                                      "instead of megatron's attention over the whole packed row with an [S, S] "
+                                      "block-diagonal mask (false: the old path)")
+    logprobs_from_train: bool = f(True, "With force_on_policy, one update per step (ppo_epochs = mini_batches = 1), "
+                                        "no KL and no mismatch correction, the mismatch metrics take the log-probs "
+                                        "of the update's own forward pass (the same weights) instead of a separate "
+                                        "old-log-prob forward; false: the separate forward (the old path)")
     seed: int = f(1, "Model init / dropout seed")
     test_freq: int = f(10, "Validate every n steps (0: never)")
     val_before_train: bool = f(False, "Validate once before the first step (not on resume): the before-RL baseline")

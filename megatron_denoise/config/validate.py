@@ -166,6 +166,8 @@ def check_rollout_placement(e: list[str], cfg: Config) -> None:
         e.append(f"rollout.refit_bucket_mb ({r.refit_bucket_mb}) must be >= 1")
     if r.placement_timeout_s <= 0:
         e.append(f"rollout.placement_timeout_s ({r.placement_timeout_s}) must be > 0")
+    if r.cpu_threads < 0:
+        e.append(f"rollout.cpu_threads ({r.cpu_threads}) must be >= 0 (0: the policy rank's share of the cores)")
 
 
 def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:

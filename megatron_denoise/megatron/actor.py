@@ -96,6 +96,8 @@ class MegatronActor:
         self.cfg = cfg
         self.groups = groups
         self.options = options or ActorOptions()
+        if not cfg.trainer.segment_attention:  # the old path: megatron's attention with an [S, S] mask
+            self.options = replace(self.options, build=replace(self.options.build, segment_attention=False))
         self.loss_impl = LossImpl(self.options.loss_impl or cfg.algorithm.loss_impl)
         self._reference: Optional[list[torch.Tensor]] = None  # frozen starting weights (KL), see snapshot_reference
         layout = groups.layout
@@ -251,6 +253,13 @@ class MegatronActor:
     def _use_thd(self) -> bool:
         """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
         from megatron_denoise.megatron.model import use_transformer_engine
+    def _needs_mask(self) -> bool:
+        """An [S, S] block-diagonal mask per micro-batch: only for megatron's own local attention
+        (trainer.segment_attention false, or context parallelism on CPU)."""
+        if self._use_thd():
+            return False
+        return not (self.options.build.segment_attention and self.groups.layout.cp == 1)
+
 
         return bool(use_transformer_engine(self.options.build))
 

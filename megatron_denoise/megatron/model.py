@@ -54,6 +54,7 @@ class BuildOptions:
     recompute: bool = False                         # full activation recomputation per layer
     moe_aux_loss_coeff: Optional[float] = None      # None: model.moe.aux_loss_coeff
     context_parallel_attention: Optional[str] = None  # None: TE on GPU; "cpu_allgather" on CPU
+    segment_attention: bool = True                  # local spec, cp 1: packed attention per sequence, no [S, S] mask
 
 
 def _rope_options(model: ModelConfig) -> dict:
@@ -218,6 +219,10 @@ def layer_spec(model: ModelConfig, config: Any, opts: Optional[BuildOptions] = N
             from megatron_denoise.megatron.cp_attention import CPAllGatherAttention
 
             spec.submodules.self_attention.submodules.core_attention = CPAllGatherAttention
+        elif opts.segment_attention:
+            from megatron_denoise.megatron.packed_attention import SegmentAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SegmentAttention
     return spec
 
 

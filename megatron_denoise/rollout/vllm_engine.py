@@ -89,6 +89,14 @@ class VLLMEngine:
         prepare_vllm_env(run_dir, cpu_kvcache_space_gb=rollout_cfg.cpu_kvcache_space_gb,
                          in_process=self.in_process)
 
+        threads = int(getattr(rollout_cfg, "cpu_threads", 0) or 0)
+        if threads > 0 and not self.on_gpu:
+            # before LLM(): vLLM's CPU worker forbids torch.set_num_threads once it has started, and a
+            # Ray actor process starts with OMP_NUM_THREADS=1 (its CPU token), half of these 2 cores
+            import torch
+
+            torch.set_num_threads(threads)
+
         from vllm import LLM  # heavy (10-35 s the first time): only once an engine is wanted
 
         kwargs = dict(

@@ -215,7 +215,11 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
     kl_on = algo.kl.coef > 0
     have_engine_lp = any(r.completion.logprobs for r in rows)
     old_logprobs = ref_logprobs = None
-    if not algo.force_on_policy or kl_on or have_engine_lp:
+    # the mismatch metrics alone need the current log-probs: the update's own forward gives them
+    # (same weights, same micro-batches) instead of a separate forward, when nothing else needs
+    # them before the update (trainer.logprobs_from_train)
+    from_train = bool(have_engine_lp and _logprobs_from_train(ctx))
+    if (not algo.force_on_policy or kl_on or have_engine_lp) and not from_train:
         with timer.phase("old_logprob"):
             old_logprobs = ctx.policy.compute_logprobs(batch)
             if kl_on:
@@ -259,7 +263,14 @@ def train_step(ctx: StepContext, step: int) -> dict[str, float]:
         extra["is_weights"] = is_weights
     with timer.phase("train"):
         chaos.point("train")
-        train_metrics = ctx.policy.train(batch, None if algo.force_on_policy else old_logprobs, **extra)
+        if from_train:
+            train_metrics, old_logprobs = ctx.policy.train(batch, None, return_logprobs=True)
+        else:
+            train_metrics = ctx.policy.train(batch, None if algo.force_on_policy else old_logprobs, **extra)
+    if from_train:  # metrics only (no correction: _logprobs_from_train), from the update's forward
+        elp, have = engine_logprobs(rows, batch.response_start, batch.input_ids.shape[1])
+        extra_metrics.update(measure_and_correct(old_logprobs, elp, have, batch.loss_mask,
+                                                 [r.kind.value for r in rows], algo.mismatch).metrics)
     _policy_empty_cache(ctx)
 
     # refit the engine's weights from the actor, unless the update was skipped (NaN guard); after
@@ -316,6 +327,17 @@ def fault_counts(ctx: StepContext) -> dict[str, int]:
             "verifier_rescored": int(stats.get("rescored", 0)),
             "rollout_restarts": int(engine.get("rollout_restarts", 0)),
             "generate_retries": int(engine.get("generate_retries", 0))}
+
+
+def _logprobs_from_train(ctx: StepContext) -> bool:
+    """The old-log-prob forward can be skipped: the log-probs are wanted for the mismatch metrics
+    only, and the update's own forward computes them with the same weights."""
+    cfg, algo = ctx.cfg, ctx.cfg.algorithm
+    m = algo.mismatch
+    return bool(cfg.trainer.logprobs_from_train and algo.force_on_policy and algo.kl.coef <= 0
+                and m.tis_cap is None and m.seq_mask_low is None and m.seq_mask_high is None
+                and int(algo.ppo_epochs) == 1 and int(algo.mini_batches) == 1
+                and getattr(ctx.policy, "trains_with_logprobs", False))
 
 
 def _engine_sleep(ctx: StepContext, timer: PhaseTimer) -> int:

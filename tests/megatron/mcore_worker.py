@@ -439,6 +439,62 @@ def split_invariance(workdir: str, budget: int = 1000) -> dict:
 
 
 @check
+def attention_paths(workdir: str, model: str = "dense", lay: dict | None = None) -> dict:
+    """trainer.segment_attention: SegmentAttention (SDPA per packed sequence, no mask) vs megatron's
+    local attention with the [S, S] block-diagonal mask, from the same weights: log-probs,
+    entropies, one PPO step's loss, gradients and weights (GQA: 4 heads, 2 groups; packed rows
+    with tail padding)."""
+    res = {}
+    for seg in (False, True):
+        cfg = run_config(model)
+        cfg.trainer.segment_attention = seg
+        actor = make_actor(cfg, layout(dist.get_world_size(), **(lay or {})))
+        _load_ref(actor, workdir, model)
+        batch = make_batch()
+        logp, ent = actor.compute_logprobs(batch)
+        batch = with_old_logprobs(batch, logp)
+        capture_grads(actor)
+        m = actor.train_step(batch)
+        grads = [actor._captured_grads[p] for mm in actor.model for p in mm.parameters()]
+        res[seg] = (logp, ent, m, grads, [w.clone() for w in _weights(actor)],
+                    bool(actor._needs_mask()), type(actor.chunks[0].decoder.layers[0].self_attention.core_attention).__name__)
+        ps.teardown()
+    a, b = res[False], res[True]
+    return {"logp": float((a[0] - b[0]).abs().max()), "ent": float((a[1] - b[1]).abs().max()),
+            "loss": abs(a[2]["loss"] - b[2]["loss"]), "micro_batches": a[2]["num_micro_batches"],
+            "grad": max(float((x - y).abs().max()) for x, y in zip(a[3], b[3])),
+            "weights": max(float((x - y).abs().max()) for x, y in zip(a[4], b[4])),
+            "mask_path": [a[5], a[6]], "segment_path": [b[5], b[6]]}
+
+
+@check
+def train_logprobs(workdir: str, lay: dict | None = None, loss_impl: str = "fused") -> dict:
+    """update(return_logprobs=True) (trainer.logprobs_from_train): the log-probs of the update's own
+    forward pass vs compute_logprobs with the same weights just before it, and the update itself
+    vs a plain update from the same weights."""
+    cfg = run_config("dense")
+    cfg.algorithm.force_on_policy = True
+    lay_ = layout(dist.get_world_size(), **(lay or {}))
+    actor = make_actor(cfg, lay_, loss_impl=loss_impl)
+    _load_ref(actor, workdir)
+    batch = make_batch()
+    before, _ = actor.compute_logprobs(batch)
+    m1 = actor.update(batch, return_logprobs=True)[0]
+    fused = actor.last_logprobs
+    w1 = [w.clone() for w in _weights(actor)]
+    ps.teardown()
+    plain_actor = make_actor(cfg, lay_, loss_impl=loss_impl)
+    _load_ref(plain_actor, workdir)
+    m2 = plain_actor.update(batch)[0]
+    w2 = _weights(plain_actor)
+    lm = batch.loss_mask.bool()
+    return {"max_diff": float((fused - before).abs().max()), "max_diff_loss_tokens": float((fused - before)[lm].abs().max()),
+            "nonzero": int((fused != 0).sum()), "expected_nonzero": int((before != 0).sum()),
+            "loss_diff": abs(m1["loss"] - m2["loss"]),
+            "weight_diff": max(float((a - b).abs().max()) for a, b in zip(w1, w2))}
+
+
+@check
 def update_ppo(workdir: str, lay: dict | None = None) -> dict:
     """update(): PPO path recomputes old log-probs with the actor (first mini-batch has ratio 1),
     then ppo_epochs x mini_batches optimizer steps."""

@@ -203,6 +203,27 @@ def test_moe_aux_loss_reaches_router_gradients(l1):
     r = ok(l1, "moe_aux_loss")
     assert r["loss"] < TOL  # the reported policy loss excludes the auxiliary loss
     assert r["router_grad_diff"] > 1e-6  # ... which still trains the router
+@pytest.mark.parametrize("model", ["dense", "tied"])
+def test_segment_attention_equals_the_masked_attention(l1, model):
+    """trainer.segment_attention: attention per packed sequence (SDPA) gives the masked path's
+    log-probs, entropies, loss, gradients and updated weights (GQA, several packed micro-batches)."""
+    r = ok(l1, f"attention_paths_{model}")
+    assert r["mask_path"] == [True, "DotProductAttention"] and r["segment_path"] == [False, "SegmentAttention"]
+    assert r["micro_batches"] >= 2
+    for k in ("logp", "ent", "loss", "grad", "weights"):
+        assert r[k] < TOL, (k, r[k])
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_update_returns_its_forward_logprobs(l1, impl):
+    """trainer.logprobs_from_train: the update's own forward gives compute_logprobs' numbers (same
+    weights), and asking for them changes nothing in the update."""
+    r = ok(l1, f"train_logprobs_{impl}")
+    assert r["nonzero"] == r["expected_nonzero"] > 0
+    assert r["max_diff"] < TOL
+    assert r["loss_diff"] == 0.0 and r["weight_diff"] == 0.0
+
+
     assert r["output_grad_diff"] < TOL  # the output layer sees only the policy loss
 
 

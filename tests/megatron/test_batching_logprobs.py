@@ -209,3 +209,31 @@ def test_actor_plan_builds_masks_only_for_the_local_spec(monkeypatch):
             assert all(m.attn_mask is None for m in mbs)
         else:
             assert all(torch.equal(m.attn_mask, w.attn_mask) for m, w in zip(mbs, want))
+
+
+def test_only_megatron_local_attention_needs_a_mask():
+    """_needs_mask: the THD path and the local spec's SegmentAttention (cp 1) take no [S, S] mask;
+    megatron's own local attention (trainer.segment_attention false) and CPU context parallelism do."""
+    from types import SimpleNamespace
+
+    from megatron_denoise.megatron.actor import MegatronActor
+    from megatron_denoise.megatron.model import BuildOptions
+
+    for thd, seg, cp, want in [(True, True, 1, False), (True, False, 2, False), (False, True, 1, False),
+                               (False, False, 1, True), (False, True, 2, True)]:
+        fake = SimpleNamespace(_use_thd=lambda thd=thd: thd, options=SimpleNamespace(build=BuildOptions(segment_attention=seg)),
+                               groups=SimpleNamespace(layout=SimpleNamespace(cp=cp)))
+        assert MegatronActor._needs_mask(fake) is want, (thd, seg, cp)
+
+
+def test_segment_mask_carries_the_segment_ids():
+    b = small_batch()
+    mb = batching.build_micro_batch(b, [0, 1], 16, with_mask=False)
+    seg = batching.segment_mask(mb.segment)
+    assert seg.shape == (1, 1, 1, 16) and seg.dtype == torch.long and torch.equal(seg[0, 0, 0], mb.segment)
+    from megatron_denoise.megatron.packed_attention import is_segment_mask, segment_runs
+
+    assert is_segment_mask(seg) and not is_segment_mask(batching.block_causal_mask(mb.segment)[None, None])
+    n0, n1 = mb.lengths
+    runs = segment_runs(mb.segment)
+    assert runs[:2] == [(0, n0, 0), (n0, n0 + n1, 1)] and all(r[2] == -1 for r in runs[2:])

@@ -239,3 +239,50 @@ def test_problem_stream_resume_repeats_nothing_and_skips_nothing():
     second = [p.uid for _ in range(2) for p in b.next_problems(3)]
     assert first + second == seq
     assert sorted(seq[:5]) == [f"p{i}" for i in range(5)]  # one epoch visits every problem once
+
+
+class LogprobEngine(ScriptedEngine):
+    """Also returns a sampling log-prob per generated token (-0.1 x its position)."""
+
+    def generate(self, requests, sampling):
+        out = super().generate(requests, sampling)
+        return [dataclasses.replace(c, logprobs=tuple(-0.1 * (i + 1) for i in range(len(c.token_ids)))) for c in out]
+
+
+class TrainLogprobPolicy(RecordingPolicy):
+    """The actor's log-probs are a fixed function of the tokens (-0.01 x id), whether a separate
+    forward (compute_logprobs) or the update's own forward (train(return_logprobs=True)) computes them."""
+
+    trains_with_logprobs = True
+
+    @staticmethod
+    def _lp(batch):
+        return -0.01 * batch.input_ids.float() * (batch.loss_mask > 0)
+
+    def compute_logprobs(self, batch):
+        super().compute_logprobs(batch)
+        return self._lp(batch)
+
+    def train(self, batch, old_logprobs, return_logprobs=False, **extra):
+        m = super().train(batch, old_logprobs)
+        return (m, self._lp(batch)) if return_logprobs else m
+
+
+@pytest.mark.parametrize("extra", [[], ["algorithm.mismatch.tis_cap=2.0"], ["algorithm.force_on_policy=false"]])
+def test_mismatch_metrics_from_the_update_forward_equal_the_separate_forward(extra):
+    """trainer.logprobs_from_train: with force_on_policy, one update and metrics only, the mismatch
+    metrics come from the update's own forward (no old-log-prob phase) and equal the separate
+    forward's; a correction (tis_cap) or the PPO path still runs the separate forward first."""
+    answer = lambda r: f"so \\boxed{{{r.group_id}}}"  # noqa: E731
+    out = {}
+    for on in (True, False):
+        ctx, engine, _, policy = make_ctx(["algorithm.mismatch.metrics=true", f"trainer.logprobs_from_train={str(on).lower()}",
+                                           *extra], answer, problems(2), policy=TrainLogprobPolicy())
+        ctx.engine = LogprobEngine(answer)
+        m = train_step(ctx, step=0)
+        out[on] = (m, policy.logprob_calls, "time/old_logprob" in m)
+    keys = [k for k in out[False][0] if k.startswith("mismatch/")]
+    assert keys and all(out[True][0][k] == out[False][0][k] for k in keys)
+    assert out[False][1] == 1 and out[False][2]
+    fused = not extra
+    assert out[True][1] == (0 if fused else 1) and out[True][2] == (not fused)
