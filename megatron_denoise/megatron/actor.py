@@ -164,8 +164,9 @@ class MegatronActor:
         if len(self.model) > 1:
             # the interleaved schedule runs micro-batches in groups of pp per virtual stage
             num_mb = batching.round_up(num_mb, lay.pp)
-        # THD (Transformer Engine) takes cu_seqlens: no [S, S] mask per micro-batch there
-        mbs = batching.materialise(batch, bins, seq_len, num_mb, with_mask=not self._use_thd())
+        # THD (Transformer Engine) takes cu_seqlens and the local spec's SegmentAttention the
+        # segment ids: no [S, S] mask per micro-batch there
+        mbs = batching.materialise(batch, bins, seq_len, num_mb, with_mask=self._needs_mask())
         if lay.cp > 1 and self._use_thd():
             # THD + CP (GPU): every packed sequence split like megatron's load-balanced 2*cp
             # split (megatron_denoise.megatron.thd_cp), one layout length for every micro-batch
@@ -203,7 +204,9 @@ class MegatronActor:
                 params = (mb.thd_packed_seq_params(device) if hasattr(mb, "thd_packed_seq_params")
                           else batching.packed_seq_params(mb, device))
                 out = model(mb.tokens, mb.position_ids, None, packed_seq_params=params)
-            else:    # local spec (CPU): the block-diagonal causal mask
+            elif mb.attn_mask is None:  # local spec, SegmentAttention: the segment ids [1, 1, 1, S]
+                out = model(mb.tokens, mb.position_ids, batching.segment_mask(mb.segment))
+            else:    # local spec (CPU), megatron's attention: the block-diagonal causal mask
                 out = model(mb.tokens, mb.position_ids, mb.attn_mask)
             chunk = unwrap(model)
             return out, partial(loss_fn, mb, chunk)
@@ -250,9 +253,6 @@ class MegatronActor:
         with self._router_losses_averaged(len(mbs)):
             self._run_schedule(mbs, loss_fn, forward_only=False)
 
-    def _use_thd(self) -> bool:
-        """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
-        from megatron_denoise.megatron.model import use_transformer_engine
     def _needs_mask(self) -> bool:
         """An [S, S] block-diagonal mask per micro-batch: only for megatron's own local attention
         (trainer.segment_attention false, or context parallelism on CPU)."""
@@ -260,6 +260,9 @@ class MegatronActor:
             return False
         return not (self.options.build.segment_attention and self.groups.layout.cp == 1)
 
+    def _use_thd(self) -> bool:
+        """Packed sequences go to Transformer Engine as THD; the local spec takes the mask."""
+        from megatron_denoise.megatron.model import use_transformer_engine
 
         return bool(use_transformer_engine(self.options.build))
 
@@ -347,13 +350,17 @@ class MegatronActor:
         return logp
 
     # --------------------------------------------------------------------------------------------
-    def train_step(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> dict:
+    def train_step(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None,
+                   logprobs_out: Optional[torch.Tensor] = None) -> dict:
         """One optimizer update on the whole `batch` (already this step's mini-batch).
 
         Needs batch.advantages and batch.loss_mask; batch.old_logprobs unless force_on_policy.
         Returns metrics (floats, identical on every rank): loss, pg_loss, entropy,
         clip_fraction, ..., grad_norm, lr, skipped (1.0 when the NaN/Inf guard dropped the
         update), num_micro_batches, loss_tokens, step_time_s.
+        logprobs_out: a zero [rows, W] float64 tensor that receives the log-probs of this update's
+        forward pass (the weights BEFORE the update; token-aligned like compute_logprobs, identical
+        on every rank): the same numbers compute_logprobs would give, without a second forward.
         """
         algo = algo or self.cfg.algorithm
         if batch.advantages is None or batch.loss_mask is None:
@@ -372,13 +379,15 @@ class MegatronActor:
 
         def loss_fn(mb: MicroBatch, chunk: Any, output: torch.Tensor):
             h = output.reshape(-1, output.shape[-1])
-            loss, _, _, metrics = policy_loss_from_hidden(
+            loss, lp, _, metrics = policy_loss_from_hidden(
                 h, chunk.output_layer.loss_weight_ref[0], self._vocab_start(chunk), chunk.vocab_size,
                 mb.targets, mb.loss_mask, mb.advantages,
                 None if algo.force_on_policy else mb.old_logprobs,
                 tp_group=self.groups.tp, algo=algo, global_num_tokens=n_tok, global_num_seqs=n_seq,
                 seq_ids=mb.seq_ids, seq_num_tokens=mb.seq_num_tokens, ref_logprobs=mb.ref_logprobs,
                 is_weights=mb.is_weights, loss_norm_tokens=norm_tokens, impl=self.loss_impl)
+            if logprobs_out is not None and self._reports():
+                batching.scatter_back(lp, mb, logprobs_out)
             if self._reports():
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for k, v in metrics.items():
@@ -386,6 +395,8 @@ class MegatronActor:
             return loss, torch.tensor(int(mb.loss_mask.sum()), dtype=torch.int), {}
 
         self._forward_backward(mbs, loss_fn)
+        if logprobs_out is not None:
+            coll.all_reduce(logprobs_out)
 
         # metric partial sums -> batch values, identical everywhere
         keys = ["loss", "pg_loss", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl", "entropy", "kl"]
@@ -473,11 +484,22 @@ class MegatronActor:
         self.step += 1
         return grad_norm, lr, skipped
 
-    def update(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None) -> list[dict]:
+    def update(self, batch: ActorBatch, algo: Optional[AlgorithmConfig] = None,
+               return_logprobs: bool = False) -> list[dict]:
         """algorithm.ppo_epochs x algorithm.mini_batches updates on `batch` (rows split into
         contiguous mini-batches). On the PPO path (force_on_policy false) the old log-probs are
-        recomputed by the actor first, never taken from the rollout engine."""
+        recomputed by the actor first, never taken from the rollout engine.
+        return_logprobs (one update only: ppo_epochs = mini_batches = 1): the log-probs of the
+        update's own forward pass, the weights before it, are kept in `last_logprobs` [rows, W]."""
         algo = algo or self.cfg.algorithm
+        if return_logprobs:
+            if int(algo.ppo_epochs) != 1 or int(algo.mini_batches) != 1:
+                raise ValueError(f"return_logprobs needs one update per step (algorithm.ppo_epochs "
+                                 f"{algo.ppo_epochs}, algorithm.mini_batches {algo.mini_batches})")
+            out = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
+            metrics = self.train_step(batch, algo, logprobs_out=out)
+            self.last_logprobs = out.float()
+            return [metrics]
         if not algo.force_on_policy and batch.old_logprobs is None:
             old, _ = self.compute_logprobs(batch)
             batch = replace(batch, old_logprobs=old)

@@ -222,6 +222,12 @@ def build_micro_batch(batch: ActorBatch, rows: list[int], seq_len: int, with_mas
                       rows=list(rows), starts=starts, lengths=lens, is_weights=isw)
 
 
+def segment_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[1, 1, 1, S] long segment ids (-1 on padding): what the local spec's SegmentAttention takes
+    in place of the [1, 1, S, S] mask (megatron_denoise.megatron.packed_attention)."""
+    return segment.reshape(1, 1, 1, -1)
+
+
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
     """[S, S] bool, True = masked: block-diagonal causal over `segment` (a token sees earlier
     tokens of its own sequence; padding, segment -1, sees only itself)."""

@@ -136,6 +136,10 @@ def l1(workdir) -> dict:
     checks += [{"name": f"shim_{s}", "kind": "shim_needed", "args": {"shim": s}} for s in SHIMS_1P]
     checks.append({"name": "split_invariance", "kind": "split_invariance"})
     checks.append({"name": "update_ppo", "kind": "update_ppo"})
+    checks += [{"name": f"attention_paths_{m}", "kind": "attention_paths", "args": {"model": m}}
+               for m in ("dense", "tied")]
+    checks += [{"name": f"train_logprobs_{impl}", "kind": "train_logprobs", "args": {"loss_impl": impl}}
+               for impl in ("fused", "torch")]
     checks.append({"name": "moe_aux_loss", "kind": "moe_aux_loss"})
     checks.append({"name": "moe_aux_duplicates", "kind": "moe_aux_duplicates"})
     checks.append({"name": "ckpt_crash", "kind": "ckpt_crash"})  # last: it kills the process
@@ -199,10 +203,6 @@ def test_update_recomputes_old_logprobs_and_steps(l1):
     assert abs(r["ratio_last"] - 1.0) > 1e-6  # later mini-batches see moved weights
 
 
-def test_moe_aux_loss_reaches_router_gradients(l1):
-    r = ok(l1, "moe_aux_loss")
-    assert r["loss"] < TOL  # the reported policy loss excludes the auxiliary loss
-    assert r["router_grad_diff"] > 1e-6  # ... which still trains the router
 @pytest.mark.parametrize("model", ["dense", "tied"])
 def test_segment_attention_equals_the_masked_attention(l1, model):
     """trainer.segment_attention: attention per packed sequence (SDPA) gives the masked path's
@@ -224,6 +224,10 @@ def test_update_returns_its_forward_logprobs(l1, impl):
     assert r["loss_diff"] == 0.0 and r["weight_diff"] == 0.0
 
 
+def test_moe_aux_loss_reaches_router_gradients(l1):
+    r = ok(l1, "moe_aux_loss")
+    assert r["loss"] < TOL  # the reported policy loss excludes the auxiliary loss
+    assert r["router_grad_diff"] > 1e-6  # ... which still trains the router
     assert r["output_grad_diff"] < TOL  # the output layer sees only the policy loss
 
 

@@ -200,7 +200,8 @@ def test_actor_plan_builds_masks_only_for_the_local_spec(monkeypatch):
     for thd in (False, True):
         fake = SimpleNamespace(groups=SimpleNamespace(layout=lay, dp_rank=0, cp_rank=0), model=[None],
                                cfg=SimpleNamespace(trainer=SimpleNamespace(micro_batch_tokens=6)),
-                               _multiple=lambda: 1, _use_thd=lambda thd=thd: thd)
+                               _multiple=lambda: 1, _use_thd=lambda thd=thd: thd,
+                               _needs_mask=lambda thd=thd: not thd)
         mbs = MegatronActor._plan(fake, b)
         want = batching.materialise(b, *batching.plan_step(b, dp=1, dp_rank=0, budget=6, multiple=1),
                                     num_micro_batches=len(mbs))
