@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-operand", type=int, default=d.max_operand)
     ap.add_argument("--max-modulus", type=int, default=d.max_modulus)
     ap.add_argument("--distractors", type=int, default=d.distractors)
+    ap.add_argument("--boxed-fraction", type=float, default=d.boxed_fraction,
+                    help="share of solutions ending in \\boxed{} (the rest: 'The answer is N.')")
     ap.add_argument("--exclude", type=Path, nargs="*", default=[], help="task files whose problems must not recur")
     ap.add_argument("--split", default="train", help="extra_info.split of every row")
     ap.add_argument("--config", type=Path, default=None, help="run config whose data.prompt renders the prompts")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = TaskConfig(kind=args.kind, seed=args.seed, count=args.count, min_steps=args.min_steps,
                           max_steps=args.max_steps, max_operand=args.max_operand, max_modulus=args.max_modulus,
-                          distractors=args.distractors)
+                          distractors=args.distractors, boxed_fraction=args.boxed_fraction)
     prompt = TESTBED_PROMPT
     if args.config is not None:
         from megatron_denoise.config.loader import load_config

@@ -547,6 +547,9 @@ class TaskConfig:
     max_operand: int = f(50, "Operands (arith) and turns (dial) are drawn from [1, max_operand]")
     max_modulus: int = f(12, "Dial positions are drawn from [5, max_modulus]")
     distractors: int = f(0, "Irrelevant numbers (arith) or sentences (dial) per problem")
+    boxed_fraction: float = f(1.0, "Share of solutions that end in \\boxed{answer}; the others end in 'The answer is "
+                              "N.', which the verifier scores 0 (a warm-start on them boxes only sometimes: an answer "
+                              "format RL must learn). Questions and answers do not depend on it")
 
 
 @dataclass

@@ -88,3 +88,21 @@ def test_bad_settings_are_reported_all_at_once_by_key():
     with pytest.raises(ValueError, match="only 3 distinct problems of 11"):
         # one step, first operand 0..1, second 1: 0+1, 1+1, 1-1 are the only problems
         generate(TaskConfig(kind="arith", seed=0, count=11, min_steps=1, max_steps=1, max_operand=1))
+
+
+def test_boxed_fraction_unboxes_some_answers_and_changes_nothing_else():
+    boxed_all = generate(TaskConfig(kind="mix", seed=3, count=400))
+    part = generate(TaskConfig(kind="mix", seed=3, count=400, boxed_fraction=0.25))
+    assert [(p.question, p.answer, p.steps) for p in part] == [(p.question, p.answer, p.steps) for p in boxed_all]
+    unboxed = 0
+    for p, q in zip(part, boxed_all):
+        steps, last = _lines(p)
+        assert steps == _lines(q)[0]                       # the reasoning lines are untouched
+        if last == q.solution.split("\n")[-1]:
+            assert judge(last_boxed(p.solution), [str(p.answer)])[0] == 1.0
+        else:
+            unboxed += 1
+            assert last == f"The answer is {p.answer}." and last_boxed(p.solution) is None  # the verifier scores 0
+    assert 0.70 < unboxed / 400 < 0.80                     # 75% unboxed, within sampling noise at n=400
+    assert generate(TaskConfig(kind="mix", seed=3, count=400, boxed_fraction=0.25)) == part
+    assert check(TaskConfig(boxed_fraction=1.5), "t") == ["t.boxed_fraction (1.5) must be in [0, 1]"]

@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 from megatron_denoise.config.schema import PromptConfig, TaskConfig, TaskKind
 from megatron_denoise.prepare.tasks import arith, dial
-from megatron_denoise.prepare.tasks.base import DISTRACTORS, TaskMaker, TaskProblem
+from megatron_denoise.prepare.tasks.base import DISTRACTORS, TaskMaker, TaskProblem, boxed
 
 MAKERS: dict[str, TaskMaker] = {TaskKind.ARITH.value: arith.make, TaskKind.DIAL.value: dial.make}
 DATA_SOURCE = "synthetic/{kind}"
@@ -47,6 +47,8 @@ def check(s: TaskConfig, key: str = "task") -> list[str]:
         errors.append(f"{key}.max_operand ({s.max_operand}) must be >= 1")
     if s.max_modulus < 5:
         errors.append(f"{key}.max_modulus ({s.max_modulus}) must be >= 5")
+    if not 0.0 <= s.boxed_fraction <= 1.0:
+        errors.append(f"{key}.boxed_fraction ({s.boxed_fraction}) must be in [0, 1]")
     if s.distractors < 0:
         errors.append(f"{key}.distractors ({s.distractors}) must be >= 0")
     if s.kind != TaskKind.ARITH.value and s.distractors > len(DISTRACTORS):
@@ -67,7 +69,7 @@ def generate(s: TaskConfig, exclude: Iterable[str] = (), key: str = "task") -> l
     out: list[TaskProblem] = []
     for _ in range(s.count * _TRIES_PER_PROBLEM):
         if len(out) == s.count:
-            return out
+            return unbox(out, s)
         kind = kinds[0] if len(kinds) == 1 else rng.choice(kinds)
         p = MAKERS[kind](rng, s)
         if p.question not in seen:
@@ -77,6 +79,25 @@ def generate(s: TaskConfig, exclude: Iterable[str] = (), key: str = "task") -> l
         raise ValueError(f"{key}: only {len(out)} distinct problems of {s.count} found with these settings "
                          f"(kind={s.kind}, steps {s.min_steps}-{s.max_steps}, max_operand {s.max_operand}); "
                          f"widen the ranges or ask for fewer")
+    return unbox(out, s)
+
+
+def unbox(problems: list[TaskProblem], s: TaskConfig) -> list[TaskProblem]:
+    """All but `s.boxed_fraction` of the solutions end in 'The answer is N.' instead of the box.
+    Its own random stream (seeded by `s.seed`), so the problems themselves do not change, and at the
+    default 1.0 nothing is drawn: files stay byte-identical to those made before the knob existed."""
+    if s.boxed_fraction >= 1.0:
+        return problems
+    from dataclasses import replace
+
+    rng = random.Random(f"megatron-denoise-task-format/{s.seed}")
+    out = []
+    for p in problems:
+        if rng.random() >= s.boxed_fraction:
+            head, last = p.solution.rsplit("\n", 1) if "\n" in p.solution else ("", p.solution)
+            assert last == boxed(p.answer), p.solution
+            p = replace(p, solution=(head + "\n" if head else "") + f"The answer is {p.answer}.")
+        out.append(p)
     return out
 
 
