@@ -432,7 +432,7 @@ class VerifierPool:
                     f"(last exit code {code}, {detail or 'see its stderr'}); "
                     f"command: {self.python} -c 'from megatron_denoise.reward.worker import main; main()'")
             return
-        if inflight and results is not None and not killed and queue is not None and inflight[0] not in self._rescored:
+        if inflight and queue is not None and not killed and inflight[0] not in self._rescored:
             self._rescored.add(inflight[0])  # died while judging: another worker judges it again
             self._stats["rescored"] += 1
         elif inflight and results is not None:
