@@ -72,6 +72,9 @@ def load_tokenizer(hf_path: str, cfg: SFTConfig) -> Any:
 def prepare(cfg: SFTConfig) -> Prepared:
     hf_path = resolve_model(cfg)
     tok = load_tokenizer(hf_path, cfg)
+    from megatron_denoise.convert.check import check_model_folder
+
+    check_model_folder(hf_path, tok)  # missing/truncated shards, architecture, tokenizer vs vocabulary
     s = cfg.sft
     examples, report = load_examples(s.train_files, s, tok)
     summary = report.summary()

@@ -2,7 +2,7 @@
 rendered prompt ids cached by uid (the chat template is applied once per problem, not per row)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional, Any
 
 from megatron_denoise.config.schema import Config
 from megatron_denoise.core.prefix import render_prompt_ids
@@ -42,7 +42,6 @@ class ProblemStream:
 
         problems, report = load_problems(cfg.data.train_files, cfg.data, tokenizer=tokenizer,
                                          pool_column=cfg.denoise.pool_column)
-        check_pools(cfg, problems)
         return cls(problems, tokenizer, cfg.data.seed, cfg.data.shuffle, report)
 
     def describe(self) -> str:
@@ -72,18 +71,21 @@ class ProblemStream:
         self.cursor.load_state_dict(state)
 
 
-def check_pools(cfg: Config, problems: list) -> None:
+def check_pools(cfg: Config, problems: list) -> Optional[str]:
     """K > 0 rows drawn from the prepared pools need a pool somewhere: training files in which no
-    problem has one would turn every denoise row into an ordinary rollout (plain GRPO, silently).
+    problem has one turn every denoise row into an ordinary rollout (plain GRPO, counted only as
+    fallback/empty_pool in the metrics). Returns the warning the trainer prints for that case (the
+    run goes on: the tiny demo configs train on pool-less named sets on purpose), else None.
     A problem without a pool is fine (its denoise slots fall back, counted per step)."""
     dn = cfg.denoise
     offline_wrong = (str(getattr(dn, "pool_source", "offline")) == "offline"
                      and str(getattr(dn, "prefix_kind", "wrong")) == "wrong")
     if dn.k_denoise > 0 and offline_wrong and problems and not any(p.wrong_pool for p in problems):
-        raise ValueError(f"data.train_files {list(map(str, cfg.data.train_files))}: none of the {len(problems)} "
-                         f"problems has an entry in the pool column {dn.pool_column!r}, and denoise.k_denoise is "
-                         f"{dn.k_denoise}: every denoise row would be an ordinary rollout. Build the pool first "
-                         f"(launch/prepare_data.py or prepare.pool), or set denoise.k_denoise=0 for plain GRPO")
+        return (f"warning: data.train_files {list(map(str, cfg.data.train_files))}: none of the {len(problems)} "
+                f"problems has an entry in the pool column {dn.pool_column!r}, and denoise.k_denoise is "
+                f"{dn.k_denoise}: every denoise row will be an ordinary rollout (fallback/empty_pool). Build the pool "
+                f"first (launch/prepare_data.py or prepare.pool), or set denoise.k_denoise=0 for plain GRPO")
+    return None
 
 
 def load_eval_sets(cfg: Config, tokenizer: Any) -> dict[str, list[Problem]]:

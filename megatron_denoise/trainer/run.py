@@ -73,6 +73,11 @@ def run_training(cfg: Config, config_path: Optional[Path] = None, overrides: tup
 
         check_model_folder(hf_path, tokenizer)  # before any worker: missing/truncated shards, architecture, vocab
         problems = ProblemStream.from_config(cfg, tokenizer)
+        from megatron_denoise.trainer.problems import check_pools
+
+        no_pool = check_pools(cfg, problems.problems)  # K > 0 with no pool anywhere: said before Ray starts
+        if no_pool:
+            print(f"[megatron-denoise] {no_pool}", flush=True)
         print(f"[megatron-denoise] {problems.describe()}", flush=True)
         random.seed(cfg.trainer.seed)
 

@@ -315,8 +315,10 @@ def build(problems, denoise, R=64):
 
 
 def test_b18_pool_empty_everywhere(earlier, tmp_path):
-    """Fixed: training files without any pool entry and K > 0 trained plain GRPO silently (every
-    denoise row fell back); now an error names the files, the column and the key before Ray starts."""
+    """Fixed: training files without any pool entry and K > 0 trained plain GRPO with nothing said
+    (only fallback/empty_pool counts in metrics.jsonl); the trainer now prints a warning naming the
+    files, the column and the key before Ray starts. The run goes on: the tiny tp=2 demo config
+    trains on a pool-less named set on purpose."""
     from megatron_denoise.trainer.problems import check_pools
 
     path = parquet(tmp_path, [row(pool=()), row(pool=())])
@@ -325,13 +327,16 @@ def test_b18_pool_empty_everywhere(earlier, tmp_path):
     cfg.denoise.k_denoise = 2
     with Intact(earlier, path):
         problems, _ = load_problems([str(path)])
-        with pytest.raises(ValueError) as ei:
-            check_pools(cfg, problems)
-    msg = str(ei.value)
-    assert f"data.train_files ['{path}']: none of the 2 problems has an entry in the pool column " \
-           f"'wrong_answer_with_boxed', and denoise.k_denoise is 2" in msg and "denoise.k_denoise=0" in msg
+        msg = check_pools(cfg, problems)
+    assert msg == (f"warning: data.train_files ['{path}']: none of the 2 problems has an entry in the pool column "
+                   f"'wrong_answer_with_boxed', and denoise.k_denoise is 2: every denoise row will be an ordinary "
+                   f"rollout (fallback/empty_pool). Build the pool first (launch/prepare_data.py or prepare.pool), "
+                   f"or set denoise.k_denoise=0 for plain GRPO")
     cfg.denoise.k_denoise = 0
-    check_pools(cfg, problems)  # plain GRPO needs no pool
+    assert check_pools(cfg, problems) is None  # plain GRPO needs no pool
+    cfg.denoise.k_denoise = 2
+    one = parquet(tmp_path, [row(pool=()), row()], name="one.parquet")
+    assert check_pools(cfg, load_problems([str(one)])[0]) is None  # one pool is enough
 
 
 def test_b19_pool_empty_for_one_problem(earlier, tmp_path):
