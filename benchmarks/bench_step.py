@@ -405,9 +405,10 @@ def print_report(res):
     pr = res["policy_rates"]
     for label in ("grpo", "denoise"):
         m = s[label]
+        lp = (f"log-probs {m['logprob_inner']:.2f} s -> MFU {m['logprob_mfu']:.1%}" if m["logprob_inner"] > 0
+              else "no separate log-prob forward")
         print(f"actor {label}: train {m['train_tokens']:.0f} tokens ({m['loss_tokens']:.0f} loss) in {m['train_inner']:.2f} s "
-              f"-> MFU {m['train_mfu']:.1%}; log-probs {m['logprob_inner']:.2f} s -> MFU {m['logprob_mfu']:.1%} "
-              f"(matmul rate {pr['matmul_flops'] / 1e9:.1f} GFLOP/s, {pr['threads']} threads)")
+              f"-> MFU {m['train_mfu']:.1%}; {lp} (matmul rate {pr['matmul_flops'] / 1e9:.1f} GFLOP/s, {pr['threads']} threads)")
     er = res["engine_rates"]
     for label in ("grpo", "denoise"):
         m = s[label]
@@ -427,7 +428,8 @@ def print_before_after(name, b, a):
             x, y = b[label][key], a[label][key]
             print(f"{label:<8} {key:<12} {x:8.2f} s -> {y:8.2f} s" + (f"  ({x / y:.2f}x)" if y > 0 else ""))
     for key in ("train_mfu", "logprob_mfu", "gen_vs_floor", "refit_share"):
-        print(f"denoise  {key:<12} {b['denoise'][key]:8.1%}   -> {a['denoise'][key]:8.1%}")
+        x, y = (f"{v:8.1%}" if v == v else "     n/a" for v in (b["denoise"][key], a["denoise"][key]))
+        print(f"denoise  {key:<12} {x}   -> {y}")
     print(f"DenoiseRL/GRPO {b['denoise_over_grpo']:.3f} -> {a['denoise_over_grpo']:.3f}"
           + (f"; vLLM/transformers {b['vllm_over_hf']:.2f}x -> {a['vllm_over_hf']:.2f}x" if "vllm_over_hf" in a else ""))
 
