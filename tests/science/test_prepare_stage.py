@@ -32,6 +32,12 @@ def test_prepare_only_runs_task_warm_start_and_pool_then_reuses_them(tmp_path):
     run = tmp_path / "run"
     r = _prepare(run)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the console (issue 17): the warm-start's step lines and the libraries' warnings are in the run's logs
+    console = r.stdout + r.stderr
+    assert "[sft] step" not in console and "Warning" not in console and "WARNING" not in console, console[-3000:]
+    assert "[sft] step 20/20" in (run / "logs" / "warm_start.log").read_text()
+    assert "UserWarning" in (run / "logs" / "warm_start.log").read_text()   # megatron-core's, kept
+    assert "vllm" in (run / "logs" / "driver.log").read_text()             # the pool stage's engine logs
     data = run / "data"
     from megatron_denoise.data.io import read_table
     from megatron_denoise.prepare.tasks import questions_of
