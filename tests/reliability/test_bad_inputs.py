@@ -541,7 +541,7 @@ def test_b29_checkpoint_disk_full_during_save(ckpts, monkeypatch):
 def verifier():
     from megatron_denoise.reward import VerifierPool
 
-    with VerifierPool(num_workers=1, deadline_s=2.0, kill_grace_s=0.5) as pool:
+    with VerifierPool(num_workers=1, deadline_s=1.0, kill_grace_s=0.5) as pool:
         pool.wait_ready()
         yield pool
 
