@@ -20,7 +20,7 @@ from megatron_denoise.core.types import Completion
 from megatron_denoise.trainer.rollouts import STATE_KEY, RolloutBatch
 from megatron_denoise.trainer.step import rollout_schedule, train_step
 
-from tests.trainer.test_step import EOS, CharTokenizer, make_ctx, problems
+from test_step import EOS, CharTokenizer, make_ctx, problems
 
 STEPS = 4
 

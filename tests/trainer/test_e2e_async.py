@@ -15,8 +15,8 @@ import signal
 
 import pytest
 
-from tests.trainer.test_e2e import (GOLDEN, launch, latest_step, metrics, problems, stop_ray, wait, wait_for,
-                                    write_problems)
+# the e2e helpers (tests/trainer is on sys.path, as for every rootless test module)
+from test_e2e import GOLDEN, launch, latest_step, metrics, problems, stop_ray, wait, wait_for, write_problems
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.megatron, pytest.mark.engine]
 
