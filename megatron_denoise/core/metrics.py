@@ -64,6 +64,8 @@ def step_metrics(groups: Sequence[Sequence[Rollout]], max_response_length: int,
     m["truncated_fraction"] = _mean([float(r.completion.finish_reason == "length") for r in rows])
     m["aborted"] = float(sum(r.completion.finish_reason == "abort" for r in rows))
     m["verifier_failures"] = float(sum(r.verifier_status != "ok" for r in rows))
+    # answer format: rows whose response has no \boxed{} answer at all (scored 0 before any judging)
+    m["no_box_fraction"] = _mean([float(r.verifier_status == "no_box") for r in rows])
 
     # Fallbacks and pools.
     fallbacks = [r for r in rows if r.request.kind is RowKind.FALLBACK]

@@ -57,3 +57,13 @@ def test_uncapped_none_mode_saves_nothing_and_k0_has_no_recovery_rate():
     plain = step_metrics([[make_rollout(M, 1), make_rollout(M, 0)]], R)
     assert math.isnan(plain["recovery_rate"]) and math.isnan(plain["solved_by_main_not_denoise"])
     assert plain["main_accuracy"] == 0.5 and plain["fallback_count"] == 0
+
+
+def test_no_box_fraction_counts_only_missing_answers():
+    from dataclasses import replace
+
+    rows = [make_rollout(M, 1), make_rollout(M, 0), make_rollout(M, 0), make_rollout(M, 0)]
+    rows[1] = replace(rows[1], verifier_status="no_box")
+    rows[2] = replace(rows[2], verifier_status="timeout")   # a failure, but not a format one
+    m = step_metrics([rows], R)
+    assert m["no_box_fraction"] == 0.25 and m["verifier_failures"] == 2.0
