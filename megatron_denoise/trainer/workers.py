@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 from typing import Any, Optional
 
 from megatron_denoise import chaos
@@ -497,8 +498,10 @@ class PolicyGroup:
     def shutdown(self) -> None:
         import ray
 
-        try:  # a rank whose peer died may hang in its teardown: bounded, then killed
+        try:  # a rank whose peer died may hang or fail in its teardown: bounded, then killed
             self._wait([w.shutdown.remote() for w in self.workers], "shutdown", timeout_s=30.0)
+        except Exception as e:  # noqa: BLE001 - cleanup: the ranks are killed below either way
+            print(f"[megatron-denoise] policy shutdown: {str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         finally:
             for w in self.workers:
                 ray.kill(w)
