@@ -152,10 +152,13 @@ def test_golden_curve_tp2(uninterrupted):
     m = metrics(uninterrupted)
     assert sorted(m) == list(range(1, STEPS + 1))
     got = curve(m, range(1, 5))
-    if os.environ.get("MDN_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps({"loss_reward_gradnorm": got}, indent=1) + "\n")
-    want = [tuple(x) for x in json.loads(GOLDEN.read_text())["loss_reward_gradnorm"]]
+    # recorded by tests/trainer/golden/make_golden.py (never by this test), with its provenance
+    golden = json.loads(GOLDEN.read_text())
+    assert {"command", "commit", "seeds", "versions"} <= set(golden["provenance"])
+    want = [tuple(x) for x in golden["loss_reward_gradnorm"]]
     assert len(want) == 4
+    # tolerances, not equality: the golden file may come from another machine, whose CPU kernels
+    # (oneDNN/MKL paths chosen by the instruction set) sum in another order
     for s, (g, w) in enumerate(zip(got, want), start=1):
         assert g[1] == pytest.approx(w[1], abs=1e-6), f"step {s} reward {g[1]} != golden {w[1]}"
         assert g[0] == pytest.approx(w[0], abs=1e-4), f"step {s} loss {g[0]} != golden {w[0]}"
@@ -199,10 +202,14 @@ def test_kill9_then_sigterm_resume_matches_uninterrupted(uninterrupted, workdir)
 
     full, part = metrics(uninterrupted), metrics(run)
     assert sorted(part) == list(range(1, STEPS + 1))
-    for s in range(resumed_at + 1, STEPS + 1):
-        assert part[s]["loss"] == pytest.approx(full[s]["loss"], abs=1e-5), s
-        assert part[s]["grad_norm"] == pytest.approx(full[s]["grad_norm"], rel=1e-4), s
-        assert part[s]["reward_mean"] == pytest.approx(full[s]["reward_mean"], abs=1e-9), s
+    # bit for bit, every figure but wall times: on CPU, fp32, at the same layout, the resumed run
+    # is the uninterrupted run (weights, Adam state, RNG, data cursor and per-row seeds restored;
+    # the engine samples each row from its own seed, so a fresh engine gives the same rows)
+    for s in range(1, STEPS + 1):
+        keys = {k for k in set(full[s]) | set(part[s])
+                if not k.startswith(("time/", "faults/")) and k not in ("step_time_s", "refit/engine_seconds",
+                                                                          "refit/peak_extra_mb")}
+        assert {k: part[s].get(k) for k in keys} == {k: full[s].get(k) for k in keys}, s
     assert problems(run) == problems(uninterrupted)  # none repeated, none skipped
 
 
