@@ -232,10 +232,13 @@ def report(results: dict, out: Path, pngs: list[Path]) -> str:
         for seed, r in seeds.items():
             lines.append(f"- {arm} seed {seed}: " + ", ".join(f"{_stem(s)} {100 * r['final'][_stem(s)]['avg']:.1f}"
                                                              for s in sets))
-    run_minutes = sum(r["run_minutes"] for seeds in results["arms"].values() for r in seeds.values())
+    timed = [r["run_minutes"] for seeds in results["arms"].values() for r in seeds.values()
+             if not math.isnan(r["run_minutes"])]
+    untimed = sum(len(seeds) for seeds in results["arms"].values()) - len(timed)
     lines += ["", f"Wall time of this invocation: {results['wall_minutes']:.1f} min (preparation "
               f"{results['prepare_minutes']:.1f} min; runs made earlier are reused). The runs' own times add up to "
-              f"{run_minutes:.1f} min.", ""]
+              f"{sum(timed):.1f} min" + (f" ({untimed} runs made before run times were recorded not counted)"
+                                          if untimed else "") + ".", ""]
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
