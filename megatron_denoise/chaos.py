@@ -13,8 +13,9 @@ worker). Phases, and where they are reached:
   driver:   generate, reward, train, refit, save, metrics (after the step's metrics.jsonl line)
   policy:   logprob, train, refit, save (after the shards are written, before the publish)
   rollout:  generate, refit
-  verifier: score (counted in the driver, at each answer sent to a worker; the driver SIGKILLs
-            the worker that just received it: a verifier worker's sandbox forbids kill and writes)
+  verifier: score (counted in the driver, at each answer sent to a worker; the driver stops the
+            worker before sending it the answer and SIGKILLs it after, so it always dies with the
+            answer in flight: a verifier worker's sandbox forbids kill and writes)
 Nothing happens unless MDN_CHAOS_KILL is set; the check is a dict lookup.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 _ENV = "MDN_CHAOS_KILL"
 _role: str = "driver"
@@ -60,33 +62,52 @@ def set_role(role: str) -> None:
     _role = role
 
 
-def point(phase: str, role: str | None = None, pid: int | None = None) -> None:
-    """Reached `phase`: SIGKILL this process (or `pid`, a process of `role` this one watches)
-    if MDN_CHAOS_KILL names it here and now."""
+def _fire(phase: str, role: str | None, target: int) -> float | None:
+    """The delay of the kill if MDN_CHAOS_KILL names this occurrence of `phase` (and this attempt
+    has not fired yet: the O_EXCL marker is created here), else None."""
     spec = os.environ.get(_ENV)
     if not spec:
-        return
+        return None
     want_role, want, n, delay = parse(spec)
     if want_role != (role or _role) or want != phase:
-        return
+        return None
     key = f"{want_role}:{phase}"
     _counts[key] = _counts.get(key, 0) + 1
     if _counts[key] != n:
-        return
+        return None
     marker = os.path.join(os.environ.get("MDN_CHAOS_DIR", "."), "fired")
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        return  # another process of this role already fired in this attempt
-    target = os.getpid() if pid is None else pid
+        return None  # another process of this role already fired in this attempt
     os.write(fd, f"{want_role}:{phase}:{n} pid {target} t {time.time():.3f}\n".encode())
     os.fsync(fd)
     os.close(fd)
+    return delay
 
-    def kill() -> None:
+
+def _kill(target: int, delay: float) -> None:
+    if delay > 0:
+        threading.Timer(delay, os.kill, (target, signal.SIGKILL)).start()
+    else:
         os.kill(target, signal.SIGKILL)
 
-    if delay > 0:
-        threading.Timer(delay, kill).start()
-    else:
-        kill()
+
+def point(phase: str, role: str | None = None) -> None:
+    """Reached `phase`: SIGKILL this process if MDN_CHAOS_KILL names it here and now."""
+    target = os.getpid()
+    delay = _fire(phase, role, target)
+    if delay is not None:
+        _kill(target, delay)
+
+
+def hold(phase: str, role: str, pid: int) -> Callable[[], None] | None:
+    """About to hand work to process `pid` (of `role`, watched by this one): if MDN_CHAOS_KILL names
+    this occurrence, SIGSTOP it now, so it cannot take up or answer the work before it dies, and
+    return the kill to call once the work is handed over (so the work is in flight when it dies,
+    whatever the timing). None when nothing fires."""
+    delay = _fire(phase, role, pid)
+    if delay is None:
+        return None
+    os.kill(pid, signal.SIGSTOP)
+    return lambda: _kill(pid, delay)

@@ -349,16 +349,20 @@ class VerifierPool:
             # Found dead before this answer was sent (e.g. killed from outside): not its fault.
             self._on_death(w, None, queue)
             return False
+        release = chaos.hold("score", role="verifier", pid=w.pid)  # chaos harness: stopped now, killed below
         try:
             write_frame(w.wfd, msg)
         except OSError:  # BrokenPipeError: it died between poll() and write
+            if release:
+                release()
             self._on_death(w, None, queue)
             return False
         queue.popleft()
         if not w.inflight:
             w.start_head(time.monotonic())
         w.inflight.append(i)
-        chaos.point("score", role="verifier", pid=w.pid)  # chaos harness: kill -9 the worker now judging
+        if release:
+            release()  # kill -9 the worker with this answer in flight
         return True
 
     def _pump(self, results: Optional[list], queue: Optional[deque]) -> None:

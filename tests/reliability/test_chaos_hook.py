@@ -55,3 +55,25 @@ def test_other_role_or_unset_does_nothing(tmp_path):
 def test_bad_specs_name_the_problem(spec, msg):
     with pytest.raises(ValueError, match=msg):
         chaos.parse(spec)
+
+
+def test_hold_stops_the_watched_process_until_the_work_is_handed_over(tmp_path, monkeypatch):
+    """The verifier kill: at the named occurrence the watched process is stopped at once (it cannot
+    take up the answer about to be sent) and killed only when the returned kill is called."""
+    monkeypatch.setenv("MDN_CHAOS_DIR", str(tmp_path))
+    monkeypatch.setenv("MDN_CHAOS_KILL", "verifier:score:2")
+    monkeypatch.setattr(chaos, "_counts", {})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert chaos.hold("score", role="verifier", pid=child.pid) is None      # the 1st occurrence
+        release = chaos.hold("score", role="verifier", pid=child.pid)           # the 2nd: fires
+        assert release is not None
+        state = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        assert state == "T" and child.poll() is None                            # stopped, alive
+        release()
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert chaos.hold("score", role="verifier", pid=child.pid) is None      # once per attempt
+        assert (tmp_path / "fired").read_text().startswith("verifier:score:2 pid ")
+    finally:
+        if child.poll() is None:
+            child.kill()
