@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Any
 
-from megatron_denoise.config.schema import Config
+from megatron_denoise.config.schema import Config, PoolSource, PrefixKind
 from megatron_denoise.core.prefix import render_prompt_ids
 from megatron_denoise.core.types import Problem
 
@@ -78,8 +78,7 @@ def check_pools(cfg: Config, problems: list) -> Optional[str]:
     run goes on: the tiny demo configs train on pool-less named sets on purpose), else None.
     A problem without a pool is fine (its denoise slots fall back, counted per step)."""
     dn = cfg.denoise
-    offline_wrong = (str(getattr(dn, "pool_source", "offline")) == "offline"
-                     and str(getattr(dn, "prefix_kind", "wrong")) == "wrong")
+    offline_wrong = dn.pool_source == PoolSource.OFFLINE and dn.prefix_kind == PrefixKind.WRONG
     if dn.k_denoise > 0 and offline_wrong and problems and not any(p.wrong_pool for p in problems):
         return (f"warning: data.train_files {list(map(str, cfg.data.train_files))}: none of the {len(problems)} "
                 f"problems has an entry in the pool column {dn.pool_column!r}, and denoise.k_denoise is "
