@@ -110,4 +110,18 @@ def hold(phase: str, role: str, pid: int) -> Callable[[], None] | None:
     if delay is None:
         return None
     os.kill(pid, signal.SIGSTOP)
+    _wait_stopped(pid)  # the signal is delivered asynchronously: the process may still be running
     return lambda: _kill(pid, delay)
+
+
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until /proc says `pid` is stopped (state T), or it is gone, or `timeout_s` passed."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X"):
+                    return
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        time.sleep(0.001)
