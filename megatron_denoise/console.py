@@ -74,6 +74,19 @@ def _route_python_logging(stream: TextIO) -> logging.Handler:
 def quiet_console(run_dir: str | os.PathLike, verbose: bool = False, name: str = "driver") -> Iterator[Optional[Path]]:
     """Filter third-party output of this process (and of the processes it starts) into
     <run_dir>/logs/<name>.log for the duration; yields the log file (None when verbose)."""
+    keys = (VERBOSE_ENV, LOG_DIR_ENV, "VLLM_CONFIGURE_LOGGING", "TRANSFORMERS_VERBOSITY")
+    saved_env = {k: os.environ.get(k) for k in keys}  # put back on exit (a test, a notebook goes on)
+    try:
+        yield from _quiet_console(run_dir, verbose, name)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quiet_console(run_dir: str | os.PathLike, verbose: bool, name: str) -> Iterator[Optional[Path]]:
     global _bars
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if verbose:
@@ -124,7 +137,6 @@ def quiet_console(run_dir: str | os.PathLike, verbose: bool = False, name: str =
         for s in (console_out, console_err, log_stream):
             with contextlib.suppress(Exception):
                 s.close()
-        os.environ.pop(LOG_DIR_ENV, None)
 
 
 def redirect_worker_output(name: str) -> Optional[Path]:

@@ -10,7 +10,7 @@
 #   bash slurm/local/down.sh RUN_DIR
 #
 # Environment (optional): MDN_SLURM_CTLD_PORT (16817), MDN_SLURM_NODE_PORT_BASE (17000: nodeI
-# listens on BASE+I), MDN_SLURM_CPUS (CPUs per node, default nproc), MDN_SLURM_UP_TIMEOUT (60 s).
+# listens on BASE+I), MDN_SLURM_CPUS (CPUs per node, default: the online CPUs), MDN_SLURM_UP_TIMEOUT (60 s).
 # Needs root (slurmd runs jobs as the submitting user) and the packages from install.sh.
 # RUN_DIR must be reachable by the munge user (e.g. under /tmp, not under a 0700 folder).
 set -euo pipefail
@@ -19,7 +19,7 @@ run=${1:?usage: up.sh RUN_DIR [NNODES]}
 nnodes=${2:-2}
 ctld_port=${MDN_SLURM_CTLD_PORT:-16817}
 port_base=${MDN_SLURM_NODE_PORT_BASE:-17000}
-cpus=${MDN_SLURM_CPUS:-$(nproc)}
+cpus=${MDN_SLURM_CPUS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it answers OMP_NUM_THREADS when set
 up_timeout=${MDN_SLURM_UP_TIMEOUT:-60}
 me="slurm/local/up.sh"
 die() { echo "$me: ERROR: $*" >&2; exit 1; }

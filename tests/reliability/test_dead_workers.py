@@ -39,8 +39,8 @@ def stack(tmp_path_factory):
     run = tmp_path_factory.mktemp("dead")
     cfg = load_config(CONFIG, [f"logging.output_dir={run}", "trainer.call_timeout_s=300"])
     hf = resolve_model_path(cfg)
-    old = os.environ.get("MDN_RAY_TMPDIR")
-    os.environ["MDN_RAY_TMPDIR"] = f"/tmp/mdnray-dead-{os.getpid()}"
+    saved_env = dict(os.environ)  # ray.init sets RAY_AUTH_MODE in this process; later tests start
+    os.environ["MDN_RAY_TMPDIR"] = f"/tmp/mdnray-dead-{os.getpid()}"  # clusters from this environment
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init_ray(cfg, str(run))
     policy = PolicyGroup.create(cfg, hf)
@@ -52,10 +52,8 @@ def stack(tmp_path_factory):
         policy.shutdown()
     finally:
         ray.shutdown()
-        if old is None:
-            os.environ.pop("MDN_RAY_TMPDIR", None)
-        else:
-            os.environ["MDN_RAY_TMPDIR"] = old
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def rows() -> list:
