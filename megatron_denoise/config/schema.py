@@ -643,6 +643,9 @@ class SFTTrainConfig:
     nan_guard: bool = f(True, "Skip an update whose loss or grad norm is NaN/Inf, and report it")
     loss_impl: LossImpl = f(LossImpl.FUSED, "Cross-entropy implementation: fused (the kernel's differentiable vocab-parallel "
                                      "log-probs, no [tokens, vocab] logits) | torch (shard logits, readable)")
+    segment_attention: bool = f(True, "As trainer.segment_attention (CPU, local spec, cp 1): attention per packed "
+                                      "sequence instead of over the packed row with an [S, S] mask (false: the old "
+                                      "path; the two agree to round-off, which a from-scratch run can amplify)")
     stop_after: Optional[int] = f(None, "Stop after this many steps of this invocation, with a checkpoint and exit "
                                         "code 75 (checkpoint.resume=auto continues; splits a run into shorter jobs)")
 

@@ -23,4 +23,5 @@ def actor_config(cfg: SFTConfig, total_steps: int) -> Config:
                   optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, logging=cfg.logging,
                   algorithm=AlgorithmConfig(loss_impl=s.loss_impl),
                   trainer=TrainerConfig(total_steps=int(total_steps), micro_batch_tokens=micro_batch_tokens(s),
-                                        seed=s.seed, test_freq=0, nan_guard=s.nan_guard))
+                                        seed=s.seed, test_freq=0, nan_guard=s.nan_guard,
+                                        segment_attention=s.segment_attention))

@@ -240,6 +240,19 @@ def test_config_root_defaults_and_training_root_unchanged():
     assert load_config(None, ["optimizer.lr=0.5"]).optimizer == OptimizerConfig(lr=0.5)
 
 
+def test_segment_attention_reaches_the_actor_config():
+    """sft.segment_attention is the actor's trainer.segment_attention (the warm-start could not pick
+    the old masked attention path before: the key did not exist)."""
+    from megatron_denoise.config.loader import load_config
+    from megatron_denoise.config.schema import SFTConfig
+    from megatron_denoise.sft.config import actor_config
+
+    base = ["model.hf_path=x", "sft.train_files=[a.parquet]", "sft.total_steps=3"]
+    on = actor_config(load_config(None, base, root=SFTConfig), 3)
+    off = actor_config(load_config(None, base + ["sft.segment_attention=false"], root=SFTConfig), 3)
+    assert (on.trainer.segment_attention, off.trainer.segment_attention) == (True, False)
+
+
 def test_dry_run_prints_layout_and_plan(env, capsys):
     from megatron_denoise.launch import sft
 
