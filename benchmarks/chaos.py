@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_denoise.trainer.workers import stop_ray_session
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-denoise-grpo-cpu-1n2g-tp2.yaml"
 EXIT_PREEMPTED = 75
@@ -101,18 +103,7 @@ def ray_tmp(run_dir: Path) -> str:
 
 def stop_ray(run_dir: Path) -> None:
     """Kill what a killed driver left behind: the processes of its private Ray session."""
-    tmp = ray_tmp(run_dir)
-    pids = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.killpg(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    time.sleep(1)
-    shutil.rmtree(tmp, ignore_errors=True)
+    stop_ray_session(ray_tmp(run_dir), grace_s=1.0, remove=True)
 
 
 def launch(run_dir: Path, data: Path, steps: int, kill: str | None, *extra: str) -> subprocess.Popen:

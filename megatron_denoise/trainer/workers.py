@@ -71,6 +71,31 @@ def init_ray(cfg: Config, run_dir: str) -> None:
                  runtime_env=env, log_to_driver=log_to_driver, _temp_dir=os.environ.get("MDN_RAY_TMPDIR"))
 
 
+def stop_ray_session(temp_dir: str, grace_s: float = 1.0, remove: bool = False) -> int:
+    """Kill what a killed driver left behind: every process of the private local Ray session whose
+    command line names `temp_dir` (its MDN_RAY_TMPDIR), by process group where it leads one; wait
+    `grace_s`, then optionally remove the folder. Returns how many processes were signalled."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+    pids = [p for p in map(int, found) if p != os.getpid()]   # never the caller, whatever its arguments
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(grace_s)
+    if remove:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return len(pids)
+
+
 class PolicyWorkerImpl:
     """One rank of the Megatron actor (runs inside a Ray actor process)."""
 

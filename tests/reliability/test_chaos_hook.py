@@ -77,3 +77,28 @@ def test_hold_stops_the_watched_process_until_the_work_is_handed_over(tmp_path, 
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_stop_ray_session_kills_the_session_processes_and_spares_the_rest(tmp_path):
+    """What the chaos benchmark and the kill tests use after a SIGKILLed driver: every process whose
+    command line names the session folder dies (a whole process group where it leads one), others
+    live, and the folder is removed on request."""
+    import time
+
+    from megatron_denoise.trainer.workers import stop_ray_session
+
+    session = tmp_path / "mdnray-session"
+    session.mkdir()
+    sleeper = "import sys, time; time.sleep(60)"
+    inside = [subprocess.Popen([sys.executable, "-c", sleeper, str(session / "raylet")], start_new_session=True)
+              for _ in range(2)]
+    outside = subprocess.Popen([sys.executable, "-c", sleeper, str(tmp_path / "other")], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        assert stop_ray_session(str(session), grace_s=0.2, remove=True) == 2
+        assert [p.wait(timeout=10) for p in inside] == [-signal.SIGKILL] * 2
+        assert outside.poll() is None and not session.exists()
+        assert stop_ray_session(str(session), grace_s=0) == 0
+    finally:
+        outside.kill()
+        outside.wait()

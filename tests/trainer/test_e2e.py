@@ -64,17 +64,9 @@ def launch(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
 
 def stop_ray(run_dir: Path) -> None:
     """Kill what a killed driver left behind: processes of its private Ray session."""
-    tmp = ray_tmp(run_dir)
-    out = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        try:
-            os.killpg(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    time.sleep(2)
+    from megatron_denoise.trainer.workers import stop_ray_session
+
+    stop_ray_session(ray_tmp(run_dir), grace_s=2.0)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
