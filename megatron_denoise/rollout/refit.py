@@ -22,7 +22,9 @@ buffer) into ONE `reload_weights` call through an iterator, because vLLM's layer
 see every weight within a single call. Transport: on GPU the buffer is a CUDA tensor on the rank's
 device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions.reduce_tensor`),
 valid for the colocated replica on the SAME GPU, so no weights are pickled; on CPU the buffer is a
-/dev/shm file the rank reuses (same node), or a copy through Ray's object store (other nodes).
+/dev/shm file the rank reuses (same node). Replicas that are not colocated (`rollout.colocate:
+false`, e.g. the generation pool of `rollout.async: one_step`) get a host copy through Ray's object
+store, from CPU and GPU tensors alike: an IPC handle cannot be opened on another node.
 
 This module imports neither vllm nor torch at import time: vLLM resolves the extension class by
 its qualified name inside each worker.
@@ -122,11 +124,21 @@ class _Buffers:
         self.files: list[str] = []
         self.tag = f"mdn-refit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
+    def device_for(self, device):
+        """Where a bucket of tensors on `device` is staged: on their GPU for "shm" (the colocated
+        replica opens the buffer's CUDA IPC handle), in host memory for "object" (the replica may be
+        on another GPU or node, where an IPC handle cannot be opened)."""
+        import torch
+
+        return torch.device("cpu") if self.transport == "object" else device
+
     def new(self, nbytes: int, device):
         import torch
 
+        pinned = self.transport == "object" and device.type == "cuda"   # device -> host copies
+        device = self.device_for(device)
         if device.type == "cuda" or self.transport != "shm":
-            return torch.empty(nbytes, dtype=torch.uint8, device=device), None
+            return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned), None
         path = f"/dev/shm/{self.tag}-{len(self.files)}"
         self.files.append(path)
         return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8), path
@@ -155,8 +167,9 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
     """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
     reusing ONE preallocated buffer: the consumer must be done with a bucket (its receivers
     consumed it) before asking for the next. keep(name) -> bool filters tensors (others are
-    dropped at once). transport: "shm" (a reused /dev/shm file: receivers on this node) or
-    "object" (Ray's object store); tensors on a CUDA device always go as CUDA IPC handles."""
+    dropped at once). transport: "shm" (receivers on this node, the colocated replica on GPU: a
+    reused /dev/shm file, or the CUDA IPC handle of a reused buffer on the tensors' GPU) or
+    "object" (Ray's object store: a host copy, also of CUDA tensors, for replicas elsewhere)."""
     import os
 
     if bucket_bytes < 1:
@@ -189,7 +202,7 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
             if used + nbytes > bucket_bytes and entries:
                 yield Bucket(list(entries), bufs.payload(buf, path, used), used)
                 entries, used = [], 0
-            if buf is None or buf.device != t.device:
+            if buf is None or buf.device != bufs.device_for(t.device):
                 buf, path = bufs.new(bucket_bytes, t.device)
             buf[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t)
             entries.append((*meta, used))

@@ -34,6 +34,18 @@ def test_buckets_round_trip_every_dtype_and_respect_the_size(transport):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"mdn-refit-{os.getpid()}-")]  # cleaned up
 
 
+def test_cuda_tensors_are_staged_on_their_gpu_only_for_the_colocated_transport():
+    """"shm" (colocated replica, same GPU): the bucket stays on the tensors' GPU and travels as a CUDA
+    IPC handle; "object" (replicas on other GPUs or nodes, rollout.colocate false): a host copy,
+    since an IPC handle cannot be opened elsewhere (tests/gpu checks the payloads on a GPU)."""
+    from megatron_denoise.rollout.refit import _Buffers
+
+    gpu = torch.device("cuda", 1)
+    assert _Buffers("shm").device_for(gpu) == gpu
+    assert _Buffers("object").device_for(gpu) == torch.device("cpu")
+    assert _Buffers("shm").device_for(torch.device("cpu")) == torch.device("cpu")
+
+
 def test_one_reused_buffer_and_one_bucket_in_flight():
     src = [(f"w{i}", torch.full((64,), float(i))) for i in range(10)]            # 256 B each
     stream = BucketStream()

@@ -54,8 +54,11 @@ def run(spec: str, hf_dir: str, old_logprobs):
     a.clip_low, a.clip_high, a.dual_clip = 0.2, 0.28, 3.0
     a.loss_agg = "token-mean"
     groups = ps.initialize(ParallelLayout(world_size=1), seed=1)
-    actor = MegatronActor(cfg, groups, ActorOptions(loss_impl="torch",
-                                                    build=BuildOptions(use_transformer_engine=(spec == "te"))))
+    # the local spec with megatron's masked attention (segment_attention false): the attention the
+    # docstring names; the per-segment path is checked against the masked one on CPU
+    # (tests/megatron/test_actor_dist.py::test_segment_attention_equals_the_masked_attention)
+    build = BuildOptions(use_transformer_engine=(spec == "te"), segment_attention=False)
+    actor = MegatronActor(cfg, groups, ActorOptions(loss_impl="torch", build=build))
     assert actor._use_thd() == (spec == "te")
     load_hf_into_actor(actor, hf_dir)
     batch = make_batch(cfg.model.vocab_size)

@@ -68,7 +68,7 @@ def test_vllm_sleep_wake_and_ipc_bucketed_refit_on_gpu(tiny, tmp_path):
 
     loader = threading.Thread(target=lambda: eng.refit_stream(stream))
     loader.start()
-    for bucket in stream_buckets(iter(moved.items()), 1 << 20):   # CUDA tensors -> IPC handles
+    for bucket in stream_buckets(iter(moved.items()), 1 << 20, transport="shm"):   # colocated: CUDA IPC handles
         assert bucket.payload["kind"] == "ipc"
         stream.push(bucket)
     stream.close()
@@ -79,6 +79,23 @@ def test_vllm_sleep_wake_and_ipc_bucketed_refit_on_gpu(tiny, tmp_path):
     oracle.update_weights({k: v.cpu() for k, v in moved.items()}.items())
     assert [c.token_ids for c in got] == [c.token_ids for c in oracle.generate(reqs, greedy)]
     eng.close()
+
+
+def test_object_transport_sends_host_copies_of_cuda_tensors():
+    """rollout.colocate false: replicas on other GPUs or nodes cannot open a CUDA IPC handle, so the
+    "object" transport stages CUDA tensors in host memory and sends numpy arrays."""
+    from megatron_denoise.rollout.refit import stream_buckets
+
+    g = torch.Generator().manual_seed(0)
+    src = {f"w{i}": torch.randn(64, 33, generator=g).to(dt).cuda()
+           for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16])}
+    got = {}
+    for bucket in stream_buckets(iter(src.items()), 8 << 10, transport="object"):
+        assert bucket.payload["kind"] == "numpy"
+        got.update({n: t.clone() for n, t in bucket.tensors()})
+    assert got.keys() == src.keys()
+    for n, t in src.items():
+        assert got[n].device.type == "cpu" and torch.equal(got[n], t.cpu()), n
 
 
 def test_colocated_tiny_run_two_steps(tmp_path):
