@@ -19,7 +19,8 @@ import dataclasses
 import os
 import socket
 import sys
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Optional
 
 from megatron_denoise import chaos
 from megatron_denoise.config.schema import Config, PartialMode
@@ -388,6 +389,7 @@ class PolicyGroup:
         self.bucket_bytes = bucket_bytes
         self.call_timeout_s = float(call_timeout_s)
         self.last_refit: dict = {}
+        self._submit_lock = threading.Lock()
 
     @property
     def placement_group(self) -> Any:
@@ -424,7 +426,16 @@ class PolicyGroup:
         return self.call_all(method, *args, **kwargs)[0]
 
     def call_all(self, method: str, *args, **kwargs) -> list:
-        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method)
+        return self._wait(self._submit(lambda r, w: getattr(w, method).remote(*args, **kwargs)), method)
+
+    def _submit(self, make: Callable[[int, Any], Any]) -> list:
+        """make(rank, worker) -> ref for every rank, under the group's lock: calls from two threads
+        (with rollout.async one_step, a replica that dies during the background generation is
+        recovered, and so refit, from that thread while the trainer's thread trains) reach every
+        rank in the same order. Each rank runs one call at a time, so different orders would enter
+        the ranks' collectives in different orders and hang."""
+        with self._submit_lock:
+            return [make(r, w) for r, w in enumerate(self.workers)]
 
     def _wait(self, refs: list, call: str, timeout_s: Optional[float] = None) -> list:
         """Every rank's answer, in rank order; a dead rank raises WorkerDied naming it (also when
@@ -496,8 +507,8 @@ class PolicyGroup:
         # on GPU); otherwise Ray's object store
         transport = "shm" if self.placement.plan.colocate else "object"
         try:
-            per_rank = self._wait([w.refit.remote(t, self.bucket_bytes, transport)
-                                   for w, t in zip(self.workers, targets)], "refit")
+            per_rank = self._wait(self._submit(lambda r, w: w.refit.remote(targets[r], self.bucket_bytes, transport)),
+                                  "refit")
         except Exception:
             if not (_retry and engine.restart_dead()):
                 raise
@@ -524,7 +535,7 @@ class PolicyGroup:
         import ray
 
         try:  # a rank whose peer died may hang or fail in its teardown: bounded, then killed
-            self._wait([w.shutdown.remote() for w in self.workers], "shutdown", timeout_s=30.0)
+            self._wait(self._submit(lambda r, w: w.shutdown.remote()), "shutdown", timeout_s=30.0)
         except Exception as e:  # noqa: BLE001 - cleanup: the ranks are killed below either way
             print(f"[megatron-denoise] policy shutdown: {str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         finally:

@@ -187,3 +187,45 @@ def test_config_one_step_refusals():
     cfg = load_config(None, ["rollout.async=one_step", "cluster.device=cuda", "rollout.colocate=false"], world_size=8)
     assert cfg.rollout.async_ == "one_step"
     assert load_config(None, ["rollout.async=off"], world_size=8).rollout.async_ == "off"  # YAML reads `off` as false
+
+
+def test_policy_calls_from_two_threads_reach_every_rank_in_one_order(monkeypatch):
+    """one_step: a replica that dies during the background generation is refit from that thread
+    while the trainer's thread trains; each rank runs one call at a time, so both calls must reach
+    every rank in the same order (else the ranks' collectives pair train with refit and hang)."""
+    import time
+
+    from megatron_denoise.trainer.workers import PolicyGroup
+
+    class Rank:  # records the order in which calls arrive, slowly (a wide window for interleaving)
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def __getattr__(self, method: str):
+            rank = self
+
+            class Remote:
+                @staticmethod
+                def remote(*args, **kwargs):
+                    rank.seen.append(method)
+                    time.sleep(0.001 if method == "train" else 0.0025)   # unequal: the threads drift
+                    return method
+            return Remote
+
+    ranks = [Rank() for _ in range(4)]
+    group = PolicyGroup(ranks, placement=None)
+    monkeypatch.setattr(group, "_wait", lambda refs, call, timeout_s=None: refs)
+    go = threading.Barrier(2)
+
+    def calls(method: str) -> None:
+        go.wait()
+        for _ in range(20):
+            group.call_all(method)
+
+    threads = [threading.Thread(target=calls, args=(m,)) for m in ("train", "refit")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ranks[0].seen) == ["refit"] * 20 + ["train"] * 20
+    assert all(r.seen == ranks[0].seen for r in ranks), [r.seen[:8] for r in ranks]
