@@ -257,29 +257,46 @@ class BucketStream:
             self._done.set()
 
 
-def _reprocess_tied_embeddings(model) -> None:
-    """Re-run weight post-processing of embeddings that share their weight with another module.
+def _tied_embeddings(model) -> list[tuple[str, object]]:
+    """(name, module) of every VocabParallelEmbedding that shares its weight with another one."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    owners: dict[int, list] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, VocabParallelEmbedding):
+            owners.setdefault(id(mod.weight), []).append((name, mod))
+    return [nm for group in owners.values() if len(group) > 1 for nm in group]
+
+
+def _gemm_handles(tied: list[tuple[str, object]]) -> dict[str, object]:
+    """Each tied module's CPU GEMM handle (`cpu_linear`, set by its post-processing on CPU; None on GPU)."""
+    return {name: getattr(mod, "cpu_linear", None) for name, mod in tied}
+
+
+def _reprocess_tied_embeddings(tied: list[tuple[str, object]], before: dict[str, object]) -> list[str]:
+    """Re-run the weight post-processing of tied embeddings that the reload did not process.
 
     With tied embeddings (SmolLM2, small Qwen3) the LM head's weight IS the input embedding's
     parameter: the checkpoint has no `lm_head.weight`, so the layer-wise reload sees nothing loaded
     for the head, puts its old tensor object back (which now holds the new values) and skips its
     post-processing. On CPU that post-processing builds a packed copy of the weight for the output
     GEMM, so without this the head keeps computing with the OLD weights (seen: greedy output
-    diverged from transformers after a refit). On GPU the post-processing is a no-op.
+    diverged from transformers after a refit). A module whose GEMM handle changed during the reload
+    (the input embedding, which the checkpoint names) was processed by it and is skipped: packing
+    SmolLM2's 49152 x 576 weight a second time cost 0.17 s per refit. On GPU there is no handle and
+    the post-processing is a no-op; every tied module is processed, as before. Returns the names
+    processed here.
     """
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-    owners: dict[int, list] = {}
-    for mod in model.modules():
-        if isinstance(mod, VocabParallelEmbedding):
-            owners.setdefault(id(mod.weight), []).append(mod)
-    for mods in owners.values():
-        if len(mods) < 2:
+    done = []
+    for name, mod in tied:
+        handle = getattr(mod, "cpu_linear", None)
+        if handle is not None and handle is not before.get(name):
             continue
-        for mod in mods:
-            qm = getattr(mod, "quant_method", None)
-            if qm is not None and hasattr(qm, "process_weights_after_loading"):
-                qm.process_weights_after_loading(mod)
+        qm = getattr(mod, "quant_method", None)
+        if qm is not None and hasattr(qm, "process_weights_after_loading"):
+            qm.process_weights_after_loading(mod)
+            done.append(name)
+    return done
 
 
 class RefitWorkerExtension:
@@ -295,9 +312,11 @@ class RefitWorkerExtension:
         weights = unpack_tensors(payload) if isinstance(payload, (bytes, bytearray)) else list(payload)
         device = self.model_runner.device
         weights = [(n, t.to(device)) for n, t in weights]
+        tied = _tied_embeddings(self.model_runner.get_model())
+        before = _gemm_handles(tied)
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-            _reprocess_tied_embeddings(self.model_runner.get_model())
+            self.mdn_tied_reprocessed = _reprocess_tied_embeddings(tied, before)
         return len(weights)
 
     def mdn_reload_stream(self, weights: Iterable) -> int:
@@ -315,10 +334,16 @@ class RefitWorkerExtension:
                 # tensors from a reused buffer arrive as copies already (Bucket.tensors)
                 yield n, t.to(device)
 
+        tied = _tied_embeddings(self.model_runner.get_model())
+        before = _gemm_handles(tied)
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.reload_weights(weights_iterator=on_device(), is_checkpoint_format=True)
-            _reprocess_tied_embeddings(self.model_runner.get_model())
+            self.mdn_tied_reprocessed = _reprocess_tied_embeddings(tied, before)
         return count[0]
+
+    def mdn_last_tied_reprocessed(self) -> list[str]:
+        """Names of the tied embeddings the last refit post-processed after the reload (a probe for tests)."""
+        return list(getattr(self, "mdn_tied_reprocessed", []))
 
     def mdn_weight_checksum(self, name: str) -> float:
         """Sum of one engine parameter (by the engine's own name): a cheap probe for tests."""
