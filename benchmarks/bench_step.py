@@ -2,7 +2,8 @@
 own path (Ray policy worker + colocated vLLM replica + verifier pool + train_step), per model, in
 one run; with per-phase times and the efficiency figures of issue 16.
 
-    python benchmarks/bench_step.py [--models smollm2,testbed] [--set KEY=VALUE ...] [--json OUT]
+    python benchmarks/bench_step.py [--models smollm2,testbed] [--set KEY=VALUE ...] [--baseline KEY=VALUE ...]
+        [--repeats N] [--warmup 1|2] [--no-hf] [--json OUT]
 
 Models: `smollm2` is the SmolLM2-135M config (configs/tiny-denoise-grpo-cpu-1n1g.yaml: 2 GSM8K
 problems x (N=2 + K=2) rows, R=128); `testbed` is the main job's 1.1M-parameter Llama
@@ -12,7 +13,8 @@ with N+K main rows and K=0 (same rows, same response cap R). Wrong-solution pool
 (a fixed wrong text per problem). `--set` applies config overrides to every model (e.g. the old
 path: `--set trainer.micro_batch_tokens=512`).
 
-Per model: one untimed warm-up step (DenoiseRL), then a GRPO and a DenoiseRL step. Printed:
+Per model: two untimed warm-up steps (DenoiseRL, then GRPO; `--warmup 1`: the DenoiseRL one only), then
+`--repeats` pairs of a GRPO and a DenoiseRL step (figures are means over the repeats). Printed:
 - phases (driver wall time, PhaseTimer): generate, reward, old_logprob, train, refit (+ sleep/wake),
   other (fold, pack, advantages, mismatch); the in-worker time of generate / log-probs / train,
   so that the rest of each phase (Ray calls, batch transfer, ActorBatch) shows as "ray+batch";
@@ -289,9 +291,12 @@ def run_model(name, args, overrides, with_hf=True):
               "setup_s": setup_s, "n_matmul_params": mn["n_matmul"], "steps": {}}
     try:
         step = 0
-        ctx.cfg = cfg_denoise
-        train_step(ctx, step)  # warm-up: first-call costs of every phase
-        step += 1
+        # warm-up: the first-call costs of every phase, and of the actor's second train step, which in
+        # one process (profile_actor's batch) took 12.7-13.3 s against 10-11 s for the steps after it
+        for c in [cfg_denoise, cfg_grpo][:max(1, args.warmup)]:
+            ctx.cfg = c
+            train_step(ctx, step)
+            step += 1
         ray.get([worker.__ray_call__.remote(_policy_stats), replica.__ray_call__.remote(_engine_stats)])
         order = [("grpo", cfg_grpo), ("denoise", cfg_denoise)] * args.repeats
         for label, c in order:
@@ -441,6 +446,8 @@ def main(argv=None):
     ap.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                     help="overrides selecting the old path: each model runs with them first, then without")
     ap.add_argument("--repeats", type=int, default=1, help="GRPO + DenoiseRL step pairs after the warm-up")
+    ap.add_argument("--warmup", type=int, choices=(1, 2), default=2,
+                    help="untimed steps first: 2 = a DenoiseRL and a GRPO step (1 = the DenoiseRL step only)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--run-dir", default=os.path.join(tempfile.gettempdir(), "mdn_bench_step"))
     ap.add_argument("--json", default=None, help="write every figure to this file")
