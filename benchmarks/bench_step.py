@@ -7,7 +7,7 @@ one run; with per-phase times and the efficiency figures of issue 16.
 
 Models: `smollm2` is the SmolLM2-135M config (configs/tiny-denoise-grpo-cpu-1n1g.yaml: 2 GSM8K
 problems x (N=2 + K=2) rows, R=128); `testbed` is the main job's 1.1M-parameter Llama
-(configs/testbed-denoise-grpo-cpu-1n1g.yaml: 8 arithmetic problems x (N=6 + K=2), R=64; random
+(configs/testbed-denoise-grpo-cpu-1n1g.yaml: 32 arithmetic problems x (N=6 + K=2), R=64; random
 weights from model.build, since this measures speed, not learning). GRPO runs the same problems
 with N+K main rows and K=0 (same rows, same response cap R). Wrong-solution pools are synthetic
 (a fixed wrong text per problem). `--set` applies config overrides to every model (e.g. the old
@@ -292,7 +292,7 @@ def run_model(name, args, overrides, with_hf=True):
     try:
         step = 0
         # warm-up: the first-call costs of every phase, and of the actor's second train step, which in
-        # one process (profile_actor's batch) took 12.7-13.3 s against 10-11 s for the steps after it
+        # one process (profile_actor's batch) took 12.7-13.3 s against 10.5-11.9 s for the steps after it
         for c in [cfg_denoise, cfg_grpo][:max(1, args.warmup)]:
             ctx.cfg = c
             train_step(ctx, step)
@@ -389,6 +389,9 @@ def summarise(res, mn):
         m["refit_share"] = m["refit"] / m["step"]
         s[label] = m
     s["denoise_over_grpo"] = s["denoise"]["step"] / s["grpo"]["step"]
+    # the rows' lengths are sampled, so the two steps may not train as many tokens: per trained token
+    s["denoise_over_grpo_per_token"] = ((s["denoise"]["step"] / s["denoise"]["train_tokens"])
+                                        / (s["grpo"]["step"] / s["grpo"]["train_tokens"]))
     if "hf" in res:
         s["hf_tokens_per_s"] = res["hf"]["tokens"] / res["hf"]["seconds"]
         s["vllm_over_hf"] = s["denoise"]["gen_tokens_per_s"] / s["hf_tokens_per_s"]
@@ -404,7 +407,8 @@ def print_report(res):
     for label in ("grpo", "denoise"):
         print(f"{label:<9}" + "".join(f"{s[label][c]:12.2f}" for c in cols))
     d = s["denoise"]
-    print(f"DenoiseRL/GRPO step ratio {s['denoise_over_grpo']:.3f}; prefix tokens not generated (R - p cap) "
+    print(f"DenoiseRL/GRPO step ratio {s['denoise_over_grpo']:.3f} ({s['denoise_over_grpo_per_token']:.3f} per trained "
+          f"token: {s['denoise']['train_tokens']:.0f} vs {s['grpo']['train_tokens']:.0f}); prefix tokens not generated (R - p cap) "
           f"{d['prefix_tokens_not_generated']:.0f}; prefix-cache hit rate denoise {d['prefix_cache_hit']:.1%}, "
           f"grpo {s['grpo']['prefix_cache_hit']:.1%}")
     pr = res["policy_rates"]
