@@ -293,7 +293,7 @@ def run_model(name, args, overrides, with_hf=True):
         step = 0
         # warm-up: the first-call costs of every phase, and of the actor's second train step, which in
         # one process (profile_actor's batch) took 12.7-13.3 s against 10.5-11.9 s for the steps after it
-        for c in [cfg_denoise, cfg_grpo][:max(1, args.warmup)]:
+        for c in [cfg_denoise, cfg_grpo][:args.warmup]:
             ctx.cfg = c
             train_step(ctx, step)
             step += 1

@@ -307,24 +307,16 @@ class RefitWorkerExtension:
 
         Returns the number of tensors received (so the caller can check every worker got them).
         """
-        from vllm.config import set_current_vllm_config
-
         weights = unpack_tensors(payload) if isinstance(payload, (bytes, bytearray)) else list(payload)
         device = self.model_runner.device
         weights = [(n, t.to(device)) for n, t in weights]
-        tied = _tied_embeddings(self.model_runner.get_model())
-        before = _gemm_handles(tied)
-        with set_current_vllm_config(self.vllm_config):
-            self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-            self.mdn_tied_reprocessed = _reprocess_tied_embeddings(tied, before)
+        self._mdn_reload(iter(weights))
         return len(weights)
 
     def mdn_reload_stream(self, weights: Iterable) -> int:
         """Reload the model from an iterator of (name, tensor) consumed lazily (a BucketStream):
         one reload_weights call, each tensor moved to the device as it is loaded. In-process
         executors only (uni, external_launcher): an iterator cannot cross a process boundary."""
-        from vllm.config import set_current_vllm_config
-
         device = self.model_runner.device
         count = [0]
 
@@ -334,12 +326,18 @@ class RefitWorkerExtension:
                 # tensors from a reused buffer arrive as copies already (Bucket.tensors)
                 yield n, t.to(device)
 
+        self._mdn_reload(on_device())
+        return count[0]
+
+    def _mdn_reload(self, weights_iterator) -> None:
+        """One layer-wise reload_weights call, then the tied embeddings it left stale."""
+        from vllm.config import set_current_vllm_config
+
         tied = _tied_embeddings(self.model_runner.get_model())
         before = _gemm_handles(tied)
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.reload_weights(weights_iterator=on_device(), is_checkpoint_format=True)
+            self.model_runner.reload_weights(weights_iterator=weights_iterator, is_checkpoint_format=True)
             self.mdn_tied_reprocessed = _reprocess_tied_embeddings(tied, before)
-        return count[0]
 
     def mdn_last_tied_reprocessed(self) -> list[str]:
         """Names of the tied embeddings the last refit post-processed after the reload (a probe for tests)."""
