@@ -339,6 +339,10 @@ class RolloutConfig:
                             "follows every step); 1: offload weights to host memory, drop the KV cache; 0: never sleep")
     refit_bucket_mb: int = f(256, "Refit streams the weights to every replica in buckets of this many MiB; each "
                                   "sending rank has at most one bucket in flight (its extra memory)")
+    refit_copy_ahead: bool = f(True, "The engine copies each bucket out of the sender's reused buffer before loading "
+                                     "it, so the sender fills the next bucket while the engine loads this one (the "
+                                     "engine holds one bucket's copy, at most refit_bucket_mb more); false: the "
+                                     "sender waits until the bucket is loaded")
     num_gpus: int = f(0, "GPUs of the engines when colocate is false (their own placement groups, a whole GPU per "
                          "engine TP rank); 0: as many as the actor's. Ignored when colocated")
     placement_timeout_s: float = f(300.0, "Seconds to wait for the placement groups and for every policy rank and "

@@ -17,7 +17,9 @@ each sending policy rank iterates the gathered HF tensors (every rank takes part
 and copies them into ONE preallocated flat buffer of `bucket_bytes` (a larger tensor travels alone
 in a buffer of its own size); when the buffer is full it is sent and the rank waits until every
 receiver has consumed it before filling the next, so at most one bucket per rank is in flight and
-nothing holds a copy of the whole model. The receiver feeds the tensors (views into the received
+nothing holds a copy of the whole model. "Consumed" is, with `rollout.refit_copy_ahead` (default),
+copied out of the buffer: the sender fills its next bucket while the engine loads this one; without
+it, loaded. The receiver feeds the tensors (views into the received
 buffer) into ONE `reload_weights` call through an iterator, because vLLM's layer-wise reload must
 see every weight within a single call. Transport: on GPU the buffer is a CUDA tensor on the rank's
 device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions.reduce_tensor`),
@@ -215,13 +217,16 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
 
 class BucketStream:
     """Receiver side: buckets pushed one at a time (from other threads) become ONE iterator of
-    (name, tensor) for a single reload_weights call. `push` returns once the loader has taken
-    every tensor of the bucket (so the sender may reuse its buffer)."""
+    (name, tensor) for a single reload_weights call. `push` returns once the sender may reuse its
+    buffer: with `copy_ahead`, as soon as every tensor of the bucket has been copied out of it, so
+    the sender fills its next bucket while the loader loads this one (the receiver then holds one
+    bucket's copies); without, once the loader has taken every tensor of the bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_ahead: bool = True) -> None:
         import queue
         import threading
 
+        self.copy_ahead = copy_ahead
         self._q: "queue.Queue" = queue.Queue(maxsize=1)
         self._done = threading.Event()
         self.buckets = 0
@@ -249,7 +254,11 @@ class BucketStream:
                     return
                 self.buckets += 1
                 self.bytes += bucket.nbytes
-                for nt in bucket.tensors():
+                tensors = bucket.tensors()
+                if self.copy_ahead:
+                    tensors = list(tensors)   # copies out of a reused buffer (views of an object-store one)
+                    consumed.set()
+                for nt in tensors:
                     self.tensors += 1
                     yield nt
                 consumed.set()

@@ -270,6 +270,7 @@ class EngineReplicaImpl:
         self.replica, self.tp_rank, self.tp_size = replica, tp_rank, tp_size
         self._rendezvous = (master_addr, master_port)
         self.engine = None
+        self.rc = None
         chaos.set_role("rollout")
         self._refit = None
 
@@ -283,7 +284,7 @@ class EngineReplicaImpl:
         from megatron_denoise.rollout.engine import make_engine
 
         model_path, rollout_cfg_dict, max_model_len, run_dir, dtype = self._args
-        rc = RolloutConfig(**rollout_cfg_dict)
+        rc = self.rc = RolloutConfig(**rollout_cfg_dict)
         opts = {}
         if rc.engine == "vllm":
             opts["in_process"] = True  # the replica is its own process already; a streamed refit needs it
@@ -310,7 +311,7 @@ class EngineReplicaImpl:
         chaos.point("refit")
         if self._refit is not None:
             raise RuntimeError(f"replica {self.replica}: a refit is already under way")
-        stream = BucketStream()
+        stream = BucketStream(copy_ahead=self.rc.refit_copy_ahead)
         state = {"stream": stream, "seconds": 0.0, "error": None, "buffered": None}
 
         def load():
