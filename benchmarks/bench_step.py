@@ -11,7 +11,9 @@ problems x (N=2 + K=2) rows, R=128); `testbed` is the main job's 1.1M-parameter 
 weights from model.build, since this measures speed, not learning). GRPO runs the same problems
 with N+K main rows and K=0 (same rows, same response cap R). Wrong-solution pools are synthetic
 (a fixed wrong text per problem). `--set` applies config overrides to every model (e.g. the old
-path: `--set trainer.micro_batch_tokens=512`).
+path: `--set trainer.micro_batch_tokens=512`). `--set rollout.ignore_eos=true` makes the two steps do
+equal work: every row generates its whole budget (R, or R - p for a denoise row), so the
+DenoiseRL/GRPO ratio is not swayed by where the sampled rows happened to stop.
 
 Per model: two untimed warm-up steps (DenoiseRL, then GRPO; `--warmup 1`: the DenoiseRL one only), then
 `--repeats` pairs of a GRPO and a DenoiseRL step (figures are means over the repeats). Printed:

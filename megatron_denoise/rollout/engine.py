@@ -35,13 +35,15 @@ class SamplingSpec:
 
     temperature 0 means greedy. top_k -1 (or 0) means off. logprobs: return the log-prob of each
     sampled continuation token under the engine's unmodified model distribution (log-softmax of
-    the raw logits, before temperature/top-p).
+    the raw logits, before temperature/top-p). ignore_eos: a row ends only at its max_tokens (an
+    EOS it samples is kept and generation goes on; finish_reason "length").
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     logprobs: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -57,7 +59,7 @@ class SamplingSpec:
     def from_config(cls, rollout_cfg, logprobs: bool = False) -> "SamplingSpec":
         """Training-rollout sampling from a `RolloutConfig`."""
         return cls(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                   top_k=rollout_cfg.top_k, logprobs=logprobs)
+                   top_k=rollout_cfg.top_k, logprobs=logprobs, ignore_eos=rollout_cfg.ignore_eos)
 
 
 @runtime_checkable

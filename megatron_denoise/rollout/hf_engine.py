@@ -73,8 +73,9 @@ class HFEngine:
             x = r.engine_input_ids
             ids[b, width - len(x):] = torch.tensor(x)
             mask[b, width - len(x):] = 1
-        kw = dict(max_new_tokens=rows[0].max_tokens, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-                  return_dict_in_generate=True, output_logits=s.logprobs)
+        # ignore_eos: no EOS stops a row (transformers stops only on the eos ids it is given).
+        kw = dict(max_new_tokens=rows[0].max_tokens, eos_token_id=None if s.ignore_eos else sorted(self.eos_ids),
+                  pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=s.logprobs)
         if s.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -93,7 +94,7 @@ class HFEngine:
             toks = new[b].tolist()
             reason = "length"
             for j, t in enumerate(toks):
-                if t in self.eos_ids:
+                if t in self.eos_ids and not s.ignore_eos:
                     toks, reason = toks[:j + 1], "stop"
                     break
             toks = toks[:rows[b].max_tokens]

@@ -143,6 +143,7 @@ class VLLMEngine:
             top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0,
             max_tokens=r.max_tokens,
+            ignore_eos=s.ignore_eos,
             seed=r.seed,
             logprobs=0 if s.logprobs else None,  # 0: only the sampled token's log-prob
             detokenize=False,  # ids are what we return; text is decoded later by the verifier

