@@ -257,13 +257,26 @@ class BucketStream:
                 tensors = bucket.tensors()
                 if self.copy_ahead:
                     tensors = list(tensors)   # copies out of a reused buffer (views of an object-store one)
-                    consumed.set()
-                for nt in tensors:
+                    _release(consumed, next((t.device for _, t in tensors if t.is_cuda), None))
+                device = None
+                for name, t in tensors:
                     self.tensors += 1
-                    yield nt
-                consumed.set()
+                    device = device or (t.device if t.is_cuda else None)
+                    yield name, t
+                if not consumed.is_set():
+                    _release(consumed, device)
         finally:
             self._done.set()
+
+
+def _release(consumed, device) -> None:
+    """Let the sender refill its buffer. Copies out of a buffer on a GPU (`device`) are only queued
+    on this process's stream, and the sender fills on its own: wait for them first."""
+    if device is not None:
+        import torch
+
+        torch.cuda.synchronize(device)
+    consumed.set()
 
 
 def _tied_embeddings(model) -> list[tuple[str, object]]:

@@ -34,6 +34,21 @@ def test_buckets_round_trip_every_dtype_and_respect_the_size(transport):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"mdn-refit-{os.getpid()}-")]  # cleaned up
 
 
+def test_a_gpu_bucket_is_released_only_after_the_engine_copies_ran(monkeypatch):
+    """The engine's copies out of a CUDA IPC buffer are only queued on its stream when the loader
+    has them; the sender refills on its own stream. The device is synchronised BEFORE the sender
+    is told the bucket is consumed (this machine has no GPU: torch.cuda.synchronize is recorded)."""
+    from megatron_denoise.rollout.refit import _release
+
+    consumed, calls = threading.Event(), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d: calls.append((d, consumed.is_set())))
+    _release(consumed, torch.device("cuda", 1))
+    assert calls == [(torch.device("cuda", 1), False)] and consumed.is_set()
+    host = threading.Event()
+    _release(host, None)                                                        # host copies: nothing to wait for
+    assert host.is_set() and len(calls) == 1
+
+
 def test_cuda_tensors_are_staged_on_their_gpu_only_for_the_colocated_transport():
     """"shm" (colocated replica, same GPU): the bucket stays on the tensors' GPU and travels as a CUDA
     IPC handle; "object" (replicas on other GPUs or nodes, rollout.colocate false): a host copy,
