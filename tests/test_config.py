@@ -147,6 +147,7 @@ MALFORMED = [
     (["denoise.n_main=two"], 1, ["denoise.n_main: expected int, got str 'two'"]),
     (["algorithm.loss_agg=mean"], 1, ["algorithm.loss_agg ('mean')", "token-mean"]),
     (["parallel.virtual_pipeline_model_parallel_size=2"], 1, ["virtual_pipeline_model_parallel_size (2)", "> 1"]),
+    (["trainer.malloc_arena_max=-1"], 1, ["trainer.malloc_arena_max (-1)", ">= 0"]),
 ]
 
 

@@ -509,6 +509,10 @@ class TrainerConfig:
     call_timeout_s: float = f(3600.0, "Longest wait for one call to the Ray workers (a step's train, a refit, a "
                               "generate, a checkpoint save); past it the run stops with an error naming the call "
                               "and the workers that did not answer. A dead worker is noticed within seconds")
+    malloc_arena_max: int = f(0, "MALLOC_ARENA_MAX of every Ray worker process (policy ranks, engines, "
+                                 "verifiers): at most this many glibc malloc arenas. 0: glibc's default (8 per "
+                                 "core). The CPU configs use 1: the engine loads each refit in a new thread, "
+                                 "which with an arena of its own faults in every page it allocates")
 
 
 @dataclass

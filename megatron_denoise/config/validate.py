@@ -254,6 +254,8 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         e.append(f"trainer.total_steps ({cfg.trainer.total_steps}) must be >= 0")
     if not cfg.trainer.call_timeout_s > 0:
         e.append(f"trainer.call_timeout_s ({cfg.trainer.call_timeout_s}) must be > 0")
+    if cfg.trainer.malloc_arena_max < 0:
+        e.append(f"trainer.malloc_arena_max ({cfg.trainer.malloc_arena_max}) must be >= 0 (0: glibc's default)")
     if cfg.trainer.micro_batch_tokens < P + R:
         e.append(f"trainer.micro_batch_tokens ({cfg.trainer.micro_batch_tokens}) must hold one full row "
                  f"(data.max_prompt_length + data.max_response_length = {P + R})")

@@ -60,6 +60,8 @@ def init_ray(cfg: Config, run_dir: str) -> None:
     addr = ray_address()
     env = {"env_vars": {k: v for k, v in os.environ.items()
                         if k.startswith(("MDN_", "VLLM_", "OMP_", "HF_", "TRITON_", "PYTHONPATH"))}}
+    if cfg.trainer.malloc_arena_max:  # read by glibc when a worker process starts
+        env["env_vars"]["MALLOC_ARENA_MAX"] = str(cfg.trainer.malloc_arena_max)
     if addr:
         ray.init(address=addr, runtime_env=env, log_to_driver=log_to_driver)
     else:

@@ -78,7 +78,8 @@ def test_verbose_shows_everything_and_writes_no_logs(tmp_path):
 
 def test_a_ray_workers_warning_lands_in_its_log_file_not_on_the_console(tmp_path):
     """The real path of a run's workers: init_ray (log_to_driver off under the filter) and an actor
-    that redirects its output first thing, as PolicyWorkerImpl and EngineReplicaImpl do."""
+    that redirects its output first thing, as PolicyWorkerImpl and EngineReplicaImpl do. The same
+    worker shows trainer.malloc_arena_max at work: threads it starts share glibc's one arena."""
     script = textwrap.dedent(r"""
         import sys, warnings
         import ray
@@ -96,11 +97,26 @@ def test_a_ray_workers_warning_lands_in_its_log_file_not_on_the_console(tmp_path
                 import os
                 os.write(2, b"THIRD-PARTY worker fd2\n")
                 return 7
+            def arenas(self):
+                import ctypes, os, tempfile, threading
+                libc = ctypes.CDLL(None)
+                libc.malloc.restype = libc.fopen.restype = ctypes.c_void_p
+                def work():  # threads that allocate, as the refit's loader thread does
+                    for _ in range(50):
+                        libc.free(ctypes.c_void_p(libc.malloc(100000)))
+                ts = [threading.Thread(target=work) for _ in range(4)]
+                [t.start() for t in ts]; [t.join() for t in ts]
+                path = tempfile.mktemp()
+                f = libc.fopen(path.encode(), b"w"); libc.malloc_info(0, ctypes.c_void_p(f)); libc.fclose(ctypes.c_void_p(f))
+                return os.environ.get("MALLOC_ARENA_MAX"), open(path).read().count("<heap nr=")
 
         with quiet_console(sys.argv[1]):
-            init_ray(Config(), sys.argv[1])
+            cfg = Config()
+            cfg.trainer.malloc_arena_max = 1
+            init_ray(cfg, sys.argv[1])
             a = ray.remote(num_cpus=0)(Impl).remote()
             assert ray.get(a.work.remote(), timeout=120) == 7
+            assert ray.get(a.arenas.remote(), timeout=120) == ("1", 1)
             import time; time.sleep(2)  # what Ray would forward arrives within its log-monitor period
             ray.shutdown()
             print("OURS: done")
