@@ -325,8 +325,9 @@ class RolloutConfig:
     temperature: float = f(1.0, "Sampling temperature for training rollouts")
     top_p: float = f(1.0, "Nucleus sampling for training rollouts")
     top_k: int = f(-1, "Top-k sampling (-1: off)")
-    ignore_eos: bool = f(False, "Benchmarking (verl's rollout.ignore_eos): every row generates exactly its token "
-                                "budget (R, or R - p for a cut-down denoise row) and goes on past its EOS, so that "
+    ignore_eos: bool = f(False, "Benchmarking (verl's rollout.ignore_eos): every training-rollout row (not "
+                                "evaluation) generates exactly its token budget (R, or R - p for a cut-down denoise "
+                                "row) and goes on past its EOS, so that "
                                 "two runs do the same work whatever they sample. Rewards then score the text after "
                                 "the answer too: not for training runs")
     enforce_eager: bool = f(False, "Disable CUDA graphs (always eager on CPU)")

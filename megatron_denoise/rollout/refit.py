@@ -257,25 +257,25 @@ class BucketStream:
                 tensors = bucket.tensors()
                 if self.copy_ahead:
                     tensors = list(tensors)   # copies out of a reused buffer (views of an object-store one)
-                    _release(consumed, next((t.device for _, t in tensors if t.is_cuda), None))
-                device = None
-                for name, t in tensors:
+                    _release(consumed, tensors[-1][1] if tensors else None)
+                last = None
+                for name, last in tensors:
                     self.tensors += 1
-                    device = device or (t.device if t.is_cuda else None)
-                    yield name, t
+                    yield name, last
                 if not consumed.is_set():
-                    _release(consumed, device)
+                    _release(consumed, last)
         finally:
             self._done.set()
 
 
-def _release(consumed, device) -> None:
-    """Let the sender refill its buffer. Copies out of a buffer on a GPU (`device`) are only queued
-    on this process's stream, and the sender fills on its own: wait for them first."""
-    if device is not None:
+def _release(consumed, copy) -> None:
+    """Let the sender refill its buffer. `copy` is one of the bucket's tensors here (None: none).
+    Copies out of a buffer on a GPU are only queued on this process's stream, and the sender fills
+    on its own: wait for them first."""
+    if copy is not None and copy.is_cuda:
         import torch
 
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(copy.device)
     consumed.set()
 
 

@@ -38,15 +38,18 @@ def test_a_gpu_bucket_is_released_only_after_the_engine_copies_ran(monkeypatch):
     """The engine's copies out of a CUDA IPC buffer are only queued on its stream when the loader
     has them; the sender refills on its own stream. The device is synchronised BEFORE the sender
     is told the bucket is consumed (this machine has no GPU: torch.cuda.synchronize is recorded)."""
+    from types import SimpleNamespace
+
     from megatron_denoise.rollout.refit import _release
 
     consumed, calls = threading.Event(), []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d: calls.append((d, consumed.is_set())))
-    _release(consumed, torch.device("cuda", 1))
+    _release(consumed, SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))   # a copy on GPU 1
     assert calls == [(torch.device("cuda", 1), False)] and consumed.is_set()
-    host = threading.Event()
-    _release(host, None)                                                        # host copies: nothing to wait for
-    assert host.is_set() and len(calls) == 1
+    for copy in (torch.zeros(2), None):                                         # host copies, an empty bucket
+        host = threading.Event()
+        _release(host, copy)
+        assert host.is_set() and len(calls) == 1
 
 
 def test_cuda_tensors_are_staged_on_their_gpu_only_for_the_colocated_transport():
