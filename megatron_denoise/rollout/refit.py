@@ -33,6 +33,7 @@ its qualified name inside each worker.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
@@ -279,38 +280,83 @@ def _release(consumed, copy) -> None:
     consumed.set()
 
 
-def _tied_embeddings(model) -> list[tuple[str, object]]:
-    """(name, module) of every VocabParallelEmbedding that shares its weight with another one."""
+def _tied_embeddings(model) -> list[list[tuple[str, object]]]:
+    """Groups of (name, module): the VocabParallelEmbeddings that share one weight (2+ per group)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     owners: dict[int, list] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, VocabParallelEmbedding):
             owners.setdefault(id(mod.weight), []).append((name, mod))
-    return [nm for group in owners.values() if len(group) > 1 for nm in group]
+    return [group for group in owners.values() if len(group) > 1]
 
 
-def _gemm_handles(tied: list[tuple[str, object]]) -> dict[str, object]:
-    """Each tied module's CPU GEMM handle (`cpu_linear`, set by its post-processing on CPU; None on GPU)."""
-    return {name: getattr(mod, "cpu_linear", None) for name, mod in tied}
-
-
-def _reprocess_tied_embeddings(tied: list[tuple[str, object]], before: dict[str, object]) -> list[str]:
-    """Re-run the weight post-processing of tied embeddings that the reload did not process.
+def _split_tied(groups: list[list[tuple[str, object]]]) -> tuple[list, list]:
+    """(modules whose post-processing the reload may skip, modules post-processed after it).
 
     With tied embeddings (SmolLM2, small Qwen3) the LM head's weight IS the input embedding's
-    parameter: the checkpoint has no `lm_head.weight`, so the layer-wise reload sees nothing loaded
-    for the head, puts its old tensor object back (which now holds the new values) and skips its
-    post-processing. On CPU that post-processing builds a packed copy of the weight for the output
-    GEMM, so without this the head keeps computing with the OLD weights (seen: greedy output
+    parameter. Only the head computes a GEMM with it (`ParallelLMHead`, through its own
+    `cpu_linear`); the input embedding only gathers rows. On CPU the post-processing of each
+    builds a packed copy of the weight for a GEMM, so the embedding's copy is never used:
+    building it cost SmolLM2 0.1-0.16 s (49152 x 576) per refit. A group without a
+    `ParallelLMHead` (a model that computes logits with the embedding module itself) keeps every
+    member's post-processing."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    skip, after = [], []
+    for group in groups:
+        heads = [nm for nm in group if isinstance(nm[1], ParallelLMHead)]
+        if heads:
+            skip += [nm for nm in group if not isinstance(nm[1], ParallelLMHead)]
+            after += heads
+        else:
+            after += group
+    return skip, after
+
+
+class _NoPostProcessing:
+    """Stands in for a module's quant method during a reload so that vLLM's layer-wise reload
+    (which post-processes a layer only when its quant method is a QuantizeMethodBase) loads the
+    module's weight but does not post-process it. Everything else is the real method's."""
+
+    def __init__(self, method) -> None:
+        self._method = method
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+
+@contextlib.contextmanager
+def _without_post_processing(modules: list[tuple[str, object]]):
+    saved = [(mod, mod.quant_method) for _, mod in modules if getattr(mod, "quant_method", None) is not None]
+    for mod, qm in saved:
+        mod.quant_method = _NoPostProcessing(qm)
+    try:
+        yield
+    finally:
+        for mod, qm in saved:
+            mod.quant_method = qm
+
+
+def _gemm_handles(modules: list[tuple[str, object]]) -> dict[str, object]:
+    """Each module's CPU GEMM handle (`cpu_linear`, set by its post-processing on CPU; None on GPU)."""
+    return {name: getattr(mod, "cpu_linear", None) for name, mod in modules}
+
+
+def _reprocess_tied_embeddings(after: list[tuple[str, object]], before: dict[str, object]) -> list[str]:
+    """Re-run the weight post-processing of the tied embeddings that compute a GEMM and that the
+    reload did not process.
+
+    The checkpoint has no `lm_head.weight`, so the layer-wise reload sees nothing loaded for the
+    head, puts its old tensor object back (which now holds the new values) and skips its
+    post-processing. On CPU that post-processing builds the packed copy of the weight the output
+    GEMM uses, so without this the head keeps computing with the OLD weights (seen: greedy output
     diverged from transformers after a refit). A module whose GEMM handle changed during the reload
-    (the input embedding, which the checkpoint names) was processed by it and is skipped: packing
-    SmolLM2's 49152 x 576 weight a second time cost 0.17 s per refit. On GPU there is no handle and
-    the post-processing is a no-op; every tied module is processed, as before. Returns the names
-    processed here.
+    was processed by it and is skipped. On GPU there is no handle and the post-processing is a
+    no-op. Returns the names processed here.
     """
     done = []
-    for name, mod in tied:
+    for name, mod in after:
         handle = getattr(mod, "cpu_linear", None)
         if handle is not None and handle is not before.get(name):
             continue
@@ -355,15 +401,21 @@ class RefitWorkerExtension:
         """One layer-wise reload_weights call, then the tied embeddings it left stale."""
         from vllm.config import set_current_vllm_config
 
-        tied = _tied_embeddings(self.model_runner.get_model())
-        before = _gemm_handles(tied)
+        skip, after = _split_tied(_tied_embeddings(self.model_runner.get_model()))
+        before = _gemm_handles(after)
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.reload_weights(weights_iterator=weights_iterator, is_checkpoint_format=True)
-            self.mdn_tied_reprocessed = _reprocess_tied_embeddings(tied, before)
+            with _without_post_processing(skip):
+                self.model_runner.reload_weights(weights_iterator=weights_iterator, is_checkpoint_format=True)
+            self.mdn_tied_skipped = [name for name, _ in skip]
+            self.mdn_tied_reprocessed = _reprocess_tied_embeddings(after, before)
 
     def mdn_last_tied_reprocessed(self) -> list[str]:
         """Names of the tied embeddings the last refit post-processed after the reload (a probe for tests)."""
         return list(getattr(self, "mdn_tied_reprocessed", []))
+
+    def mdn_last_tied_skipped(self) -> list[str]:
+        """Names of the tied embeddings whose post-processing the last refit skipped (a probe for tests)."""
+        return list(getattr(self, "mdn_tied_skipped", []))
 
     def mdn_weight_checksum(self, name: str) -> float:
         """Sum of one engine parameter (by the engine's own name): a cheap probe for tests."""
