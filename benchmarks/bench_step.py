@@ -29,7 +29,8 @@ Per model: two untimed warm-up steps (DenoiseRL, then GRPO; `--warmup 1`: the De
   max(weight bytes / measured read bandwidth, 2*N*B_t / matmul rate at [B_t, H]) with B_t the rows
   still running at step t (plus the prefill at the matmul rate), measured IN the engine process;
 - vLLM/transformers: `generate` of the same requests with transformers (batched, in the driver);
-- refit share of the step.
+- refit share of the step, and where its time went (the sender filling buckets / waiting for the
+  engine, the engine waiting for buckets).
 """
 from __future__ import annotations
 
@@ -389,6 +390,8 @@ def summarise(res, mn):
         m["prefix_cache_hit"] = sum(sum(c["cached"]) for c in gen) / prompt if prompt else 0.0
         m["prefix_tokens_not_generated"] = _mean(r["prefix_tokens"] or 0 for r in recs)
         m["refit_share"] = m["refit"] / m["step"]
+        for key in ("refit_fill", "refit_push", "refit_engine_wait"):   # where the refit's time went
+            m[key] = _mean(r["metrics"].get(f"time/{key}", float("nan")) for r in recs)
         s[label] = m
     s["denoise_over_grpo"] = s["denoise"]["step"] / s["grpo"]["step"]
     # the rows' lengths are sampled, so the two steps may not train as many tokens: per trained token
@@ -430,6 +433,10 @@ def print_report(res):
         print(f"vLLM/transformers {s['vllm_over_hf']:.2f}x (transformers {s['hf_tokens_per_s']:.1f} tok/s, "
               f"{res['hf']['tokens']} tokens in {res['hf']['seconds']:.1f} s)")
     print(f"refit share of step: grpo {s['grpo']['refit_share']:.1%}, denoise {d['refit_share']:.1%}")
+    for label in ("grpo", "denoise"):
+        m = s[label]
+        print(f"refit {label}: {m['refit']:.2f} s; the sender filled buckets {m['refit_fill']:.2f} s and waited for "
+              f"the engine {m['refit_push']:.2f} s; the engine waited for buckets {m['refit_engine_wait']:.2f} s")
 
 
 def print_before_after(name, b, a):

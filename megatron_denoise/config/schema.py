@@ -89,6 +89,12 @@ class Engine(Choice):
     HF = "hf"
 
 
+class RefitReceive(Choice):
+    VIEWS = "views"
+    COPY_AHEAD = "copy_ahead"
+    COPY = "copy"
+
+
 class AsyncMode(Choice):
     OFF = "off"
     ONE_STEP = "one_step"
@@ -343,11 +349,20 @@ class RolloutConfig:
                             "weights, is refitted, and wakes its KV cache. 2: drop weights and KV cache (a refit "
                             "follows every step); 1: offload weights to host memory, drop the KV cache; 0: never sleep")
     refit_bucket_mb: int = f(256, "Refit streams the weights to every replica in buckets of this many MiB; each "
-                                  "sending rank has at most one bucket in flight (its extra memory)")
-    refit_copy_ahead: bool = f(True, "The engine copies each bucket out of the sender's reused buffer before loading "
-                                     "it, so the sender fills the next bucket while the engine loads this one (the "
-                                     "engine holds one bucket's copy, at most refit_bucket_mb more); false: the "
-                                     "sender waits until the bucket is loaded")
+                                  "sending rank has at most two buckets in flight with refit_receive views, one "
+                                  "otherwise (its extra memory)")
+    refit_receive: RefitReceive = f(RefitReceive.VIEWS, "How an engine reads a refit bucket from its sender's "
+                                    "reused buffer. views: it loads straight from the buffer, and the sender "
+                                    "alternates two buffers, filling one while the engine loads the other (the "
+                                    "sender holds up to two buckets, the engine none) | copy_ahead: it copies the "
+                                    "bucket out of the sender's one buffer first, then loads the copies while the "
+                                    "sender fills the next bucket (the engine holds one bucket's copies) | copy: it "
+                                    "copies tensor by tensor as it loads; the sender waits for the whole load")
+    refit_keep_buffers: bool = f(True, "CPU: each sending rank keeps its refit buffers (/dev/shm files of "
+                                       "refit_bucket_mb, two with refit_receive views) from one refit to the next "
+                                       "instead of making and faulting them in at every refit, and so holds that "
+                                       "memory for the whole run. Buffers on a GPU are never kept (the actor trains "
+                                       "in that memory)")
     num_gpus: int = f(0, "GPUs of the engines when colocate is false (their own placement groups, a whole GPU per "
                          "engine TP rank); 0: as many as the actor's. Ignored when colocated")
     placement_timeout_s: float = f(300.0, "Seconds to wait for the placement groups and for every policy rank and "

@@ -14,19 +14,28 @@ left an engine half-loaded), so the payload is serialised into safetensors bytes
 
 Bucketed streaming (the trainer's refit, `stream_buckets` -> `BucketStream` -> `mdn_reload_stream`):
 each sending policy rank iterates the gathered HF tensors (every rank takes part in the gathers)
-and copies them into ONE preallocated flat buffer of `bucket_bytes` (a larger tensor travels alone
-in a buffer of its own size); when the buffer is full it is sent and the rank waits until every
-receiver has consumed it before filling the next, so at most one bucket per rank is in flight and
-nothing holds a copy of the whole model. "Consumed" is, with `rollout.refit_copy_ahead` (default),
-copied out of the buffer: the sender fills its next bucket while the engine loads this one; without
-it, loaded. The receiver feeds the tensors (views into the received
-buffer) into ONE `reload_weights` call through an iterator, because vLLM's layer-wise reload must
-see every weight within a single call. Transport: on GPU the buffer is a CUDA tensor on the rank's
-device and what travels is its CUDA IPC handle (`torch.multiprocessing.reductions.reduce_tensor`),
-valid for the colocated replica on the SAME GPU, so no weights are pickled; on CPU the buffer is a
-/dev/shm file the rank reuses (same node). Replicas that are not colocated (`rollout.colocate:
-false`, e.g. the generation pool of `rollout.async: one_step`) get a host copy through Ray's object
-store, from CPU and GPU tensors alike: an IPC handle cannot be opened on another node.
+and copies them into preallocated flat buffers of `bucket_bytes` that it reuses (a larger tensor
+travels alone in a buffer of its own size), so nothing holds a copy of the whole model. How the
+receiver reads a bucket is `rollout.refit_receive`:
+- `views` (default): the engine loads straight from the sender's buffer, without copying it. The
+  sender alternates TWO buffers: it fills the next one while the engine loads this one, and may
+  refill a buffer once the engine released the bucket in it. Released means: every tensor of the
+  bucket was loaded, and the tensors vLLM's layer-wise reload still holds for a layer that is not
+  complete yet (a layer split across buckets, or one processed only at the end) were copied out
+  first (`_privatize_held`).
+- `copy_ahead`: ONE buffer; the engine copies the bucket out of it and releases it, then loads
+  the copies while the sender fills the buffer again.
+- `copy`: ONE buffer; the engine copies tensor by tensor as it loads, and releases the buffer once
+  it has taken the last one: the sender waits for the whole load.
+The receiver feeds the tensors into ONE `reload_weights` call through an iterator, because vLLM's
+layer-wise reload must see every weight within a single call. Transport: on GPU the buffer is a
+CUDA tensor on the rank's device and what travels is its CUDA IPC handle
+(`torch.multiprocessing.reductions.reduce_tensor`), valid for the colocated replica on the SAME
+GPU, so no weights are pickled; on CPU the buffer is a /dev/shm file the rank reuses (same node).
+The receiver maps a bucket's buffer when it is pushed, before the sender may delete it. Replicas
+that are not colocated (`rollout.colocate: false`, e.g. the generation pool of `rollout.async:
+one_step`) get a host copy through Ray's object store, from CPU and GPU tensors alike: an IPC
+handle cannot be opened on another node; such a bucket is never reused.
 
 This module imports neither vllm nor torch at import time: vLLM resolves the extension class by
 its qualified name inside each worker.
@@ -34,12 +43,14 @@ its qualified name inside each worker.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterable
 
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
 
 __all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors", "Bucket",
-           "stream_buckets", "BucketStream", "DEFAULT_BUCKET_BYTES"]
+           "stream_buckets", "BucketStream", "RefitBuffers", "refit_buffers", "sweep_stale",
+           "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 _END = object()
@@ -72,14 +83,28 @@ class Bucket:
     - {"kind": "ipc", "handle"}: torch's reduce_tensor of a CUDA buffer the sender reuses (GPU,
       colocated receiver on the same device);
     - {"kind": "numpy", "array"}: a copy through Ray's object store (other nodes).
-    Reused buffers are copied tensor by tensor on the receiving side (vLLM's layer-wise reload
-    keeps loaded tensors until their layer is complete), so the sender may refill its buffer as
-    soon as `BucketStream.push` returns."""
+    The receiver maps the buffer once (`open`, when the bucket is pushed)."""
 
-    def __init__(self, entries: list, payload: dict, nbytes: int) -> None:
+    def __init__(self, entries: list, payload: dict, nbytes: int, ring: int = 1) -> None:
         self.entries = entries
         self.payload = payload
         self.nbytes = nbytes
+        self.ring = ring                # how many buffers the sender alternates (see BucketStream.push)
+        self._mapped = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mapped": None}
+
+    @property
+    def reused(self) -> bool:
+        """The sender refills this buffer once the bucket is released."""
+        return self.payload["kind"] in ("shm", "ipc")
+
+    def open(self):
+        """The flat buffer, mapped (or rebuilt from its IPC handle) on the first call."""
+        if self._mapped is None:
+            self._mapped = self._flat()
+        return self._mapped
 
     def _flat(self):
         import warnings
@@ -96,12 +121,13 @@ class Bucket:
             warnings.simplefilter("ignore")
             return torch.from_numpy(self.payload["array"])
 
-    def tensors(self):
-        """(name, tensor) per entry: views into the buffer, or copies when the buffer is reused."""
+    def tensors(self, copy: "bool | None" = None):
+        """(name, tensor) per entry: views into the buffer, or copies (`copy`; by default when the
+        sender reuses the buffer)."""
         import torch
 
-        flat = self._flat()
-        reused = self.payload["kind"] in ("shm", "ipc")
+        flat = self.open()
+        copy = self.reused if copy is None else copy
         for name, dtype, shape, off in self.entries:
             dt = getattr(torch, dtype)
             n = 1
@@ -109,23 +135,38 @@ class Bucket:
                 n *= d
             size = n * torch.empty((), dtype=dt).element_size()
             t = flat[off:off + size].view(dt).view(shape)
-            yield name, (t.clone() if reused else t)
+            yield name, (t.clone() if copy else t)
 
 
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 
 
-class _Buffers:
-    """The sender's reusable buffer(s) for one transport."""
+SHM_PREFIX = "mdn-refit@"
+
+
+class RefitBuffers:
+    """A sender's reusable buffers for one transport. Made for one refit (`stream_buckets` without
+    `pool`) they go at its end; a policy rank keeps one across refits (`pool`), so that its /dev/shm
+    files are not allocated and faulted in afresh at every refit, and deletes them at shutdown
+    (`cleanup`). Only /dev/shm files are kept between refits: GPU buffers are not (the actor trains
+    in that memory), nor host buffers for the object store. A rank killed with its files in
+    /dev/shm leaves them behind: the next RefitBuffers made on that host deletes the files of
+    processes that are gone (`sweep_stale`)."""
 
     def __init__(self, transport: str) -> None:
         import os
+        import socket
         import uuid
 
         self.transport = transport
         self.files: list[str] = []
-        self.tag = f"mdn-refit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.made = 0                   # files made so far: names are never reused
+        self.ring: list = []            # (buffer, path) kept from the last refit
+        self.host = socket.gethostname()
+        self.tag = f"{SHM_PREFIX}{self.host}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
+        if transport == "shm":
+            sweep_stale(self.host)
 
     def device_for(self, device):
         """Where a bucket of tensors on `device` is staged: on their GPU for "shm" (the colocated
@@ -142,7 +183,8 @@ class _Buffers:
         device = self.device_for(device)
         if device.type == "cuda" or self.transport != "shm":
             return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned), None
-        path = f"/dev/shm/{self.tag}-{len(self.files)}"
+        path = f"/dev/shm/{self.tag}-{self.made}"
+        self.made += 1
         self.files.append(path)
         return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8), path
 
@@ -155,34 +197,101 @@ class _Buffers:
             return {"kind": "shm", "path": path, "size": int(flat.numel())}
         return {"kind": "numpy", "array": flat[:nbytes].numpy()}
 
+    def take_ring(self, bucket_bytes: int, buffers: int) -> list:
+        """The kept buffers a stream of `bucket_bytes` buckets in `buffers` buffers can reuse; the
+        others are deleted."""
+        fits = [r for r in self.ring if r[0].numel() == bucket_bytes][:buffers]
+        kept = {r[1] for r in fits}
+        self._unlink([r[1] for r in self.ring if r[1] not in kept])
+        self.ring = []
+        return fits
+
+    def finish(self, ring: list) -> None:
+        """End of a stream: keep the ring's /dev/shm files for the next one, delete every other file."""
+        self.ring = [r for r in ring if r[1] is not None]
+        kept = {r[1] for r in self.ring}
+        self._unlink([p for p in self.files if p not in kept])
+
     def cleanup(self) -> None:
+        self.ring = []
+        self._unlink(list(self.files))
+
+    def _unlink(self, paths) -> None:
         import os
 
-        for p in self.files:
+        for p in paths:
+            if p in self.files:
+                self.files.remove(p)
             try:
                 os.unlink(p)
             except OSError:
                 pass
 
 
-def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                   keep: "object" = None, transport: str = "object"):
-    """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
-    reusing ONE preallocated buffer: the consumer must be done with a bucket (its receivers
-    consumed it) before asking for the next. keep(name) -> bool filters tensors (others are
-    dropped at once). transport: "shm" (receivers on this node, the colocated replica on GPU: a
-    reused /dev/shm file, or the CUDA IPC handle of a reused buffer on the tensors' GPU) or
-    "object" (Ray's object store: a host copy, also of CUDA tensors, for replicas elsewhere)."""
+def sweep_stale(host: str, root: str = "/dev/shm") -> list[str]:
+    """Delete the refit files in `root` that processes of `host` which no longer run left behind
+    (a rank killed during a refit, or between refits with its kept buffers). Returns their paths."""
     import os
 
+    gone = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return gone
+    for name in names:
+        parts = name[len(SHM_PREFIX):].split("@") if name.startswith(SHM_PREFIX) else []
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue                                # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                                # running, as another user
+        try:
+            os.unlink(os.path.join(root, name))
+            gone.append(os.path.join(root, name))
+        except OSError:
+            pass
+    return gone
+
+
+def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                   keep: "object" = None, transport: str = "object", buffers: int = 1,
+                   pool: "RefitBuffers | None" = None):
+    """Yield Buckets of at most `bucket_bytes` (or one oversized tensor) from (name, tensor) pairs,
+    reusing `buffers` preallocated buffers in turn. The consumer's side of the contract: when it
+    asks for the next bucket, every bucket but the last `buffers - 1` yielded ones has been released
+    by its receivers (with one buffer: all of them; with two, the sender fills one while the
+    receivers load from the other). An oversized tensor's own buffer is deleted once its bucket is
+    released by that rule. keep(name) -> bool filters tensors (others are dropped at once).
+    transport: "shm" (receivers on this node, the colocated replica on GPU: reused /dev/shm files,
+    or the CUDA IPC handles of reused buffers on the tensors' GPU) or "object" (Ray's object store:
+    a host copy, also of CUDA tensors, for replicas elsewhere; nothing reused). `pool`: buffers
+    kept across streams (RefitBuffers of the same transport; its owner deletes them)."""
     if bucket_bytes < 1:
         raise ValueError(f"refit bucket size ({bucket_bytes} bytes) must be >= 1")
     if transport not in ("shm", "object"):
         raise ValueError(f"refit transport {transport!r}: expected shm | object")
-    bufs = _Buffers(transport)
-    buf = path = None
+    if buffers < 1:
+        raise ValueError(f"refit buffers ({buffers}) must be >= 1")
+    if pool is not None and pool.transport != transport:
+        raise ValueError(f"refit buffers of transport {pool.transport!r} given for transport {transport!r}")
+    bufs = pool if pool is not None else RefitBuffers(transport)
+    ring: list = bufs.take_ring(bucket_bytes, buffers)    # (buffer, path) reused in turn
+    turn = 0                        # the ring slot the current bucket fills
+    pending: list = []              # (bucket index, buffer, path) of oversized tensors not yet released
+    yielded = 0
     entries: list = []
     used = 0
+
+    def released() -> None:         # called after each yield returns: drop what is now released
+        nonlocal pending
+        keep_from = yielded - (buffers - 1)
+        bufs._unlink([p[2] for p in pending if p[0] < keep_from and p[2] is not None])  # its memory goes at once
+        pending = [p for p in pending if p[0] >= keep_from]
+
     try:
         for name, t in named_tensors:
             if keep is not None and not keep(name):
@@ -192,55 +301,89 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
             meta = (name, str(t.dtype).removeprefix("torch."), tuple(t.shape))
             if nbytes > bucket_bytes:                      # travels alone, in a buffer of its own size
                 if entries:
-                    yield Bucket(list(entries), bufs.payload(buf, path, used), used)
-                    entries, used = [], 0
+                    yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
+                    yielded += 1
+                    released()
+                    entries, used, turn = [], 0, (turn + 1) % buffers
                 own, own_path = bufs.new(nbytes, t.device)
                 own.view(t.dtype).view(t.shape).copy_(t)
-                yield Bucket([(*meta, 0)], bufs.payload(own, own_path, nbytes), nbytes)
+                pending.append((yielded, own, own_path))  # kept until its bucket is released
                 del own
-                if own_path is not None:                   # consumed: its memory goes at once
-                    bufs.files.remove(own_path)
-                    os.unlink(own_path)
+                yield Bucket([(*meta, 0)], bufs.payload(pending[-1][1], own_path, nbytes), nbytes, buffers)
+                yielded += 1
+                released()
                 continue
             if used + nbytes > bucket_bytes and entries:
-                yield Bucket(list(entries), bufs.payload(buf, path, used), used)
-                entries, used = [], 0
-            if buf is None or buf.device != bufs.device_for(t.device):
-                buf, path = bufs.new(bucket_bytes, t.device)
+                yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
+                yielded += 1
+                released()
+                entries, used, turn = [], 0, (turn + 1) % buffers
+            if turn < len(ring) and ring[turn][0].device != bufs.device_for(t.device):
+                ring = []                                  # tensors moved device: a new ring there
+                turn = 0
+            if turn == len(ring):
+                ring.append(bufs.new(bucket_bytes, t.device))
+            buf = ring[turn][0]
             buf[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t)
             entries.append((*meta, used))
             used = min(_align(used + nbytes), bucket_bytes)
         if entries:
-            yield Bucket(list(entries), bufs.payload(buf, path, used), used)
+            yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
     finally:
-        bufs.cleanup()
+        if pool is None:
+            bufs.cleanup()
+        else:                       # the receivers mapped every pushed bucket: deleting files is safe
+            bufs.finish(ring)
+
+
+def refit_buffers(rollout_cfg) -> int:
+    """How many buffers a sender alternates for `rollout.refit_receive` (see BucketStream)."""
+    from megatron_denoise.config.schema import RefitReceive
+
+    return 2 if RefitReceive(rollout_cfg.refit_receive) is RefitReceive.VIEWS else 1
 
 
 class BucketStream:
     """Receiver side: buckets pushed one at a time (from other threads) become ONE iterator of
-    (name, tensor) for a single reload_weights call. `push` returns once the sender may reuse its
-    buffer: with `copy_ahead`, as soon as every tensor of the bucket has been copied out of it, so
-    the sender fills its next bucket while the loader loads this one (the receiver then holds one
-    bucket's copies); without, once the loader has taken every tensor of the bucket."""
+    (name, tensor) for a single reload_weights call. `receive` (`rollout.refit_receive`):
+    - "views": the iterator yields views into the bucket's buffer; the bucket is released when the
+      loader asks for the tensor after its last one, after `on_release(buffer)` (the engine copies
+      out what its loader still holds);
+    - "copy_ahead": the bucket is copied out of the buffer and released before the loader gets its
+      first tensor (the receiver holds one bucket's copies);
+    - "copy": tensors are copied one by one as the loader takes them; the bucket is released once
+      the loader took the last one.
+    `push` maps the bucket's buffer (the sender may delete it once the bucket is released) and
+    returns once the sender may fill its next buffer: when the bucket pushed `ring - 1` pushes
+    before this one was released (`Bucket.ring` buffers in turn; with one, this bucket itself), so
+    with two buffers and views the sender fills one while the engine loads from the other."""
 
-    def __init__(self, copy_ahead: bool = True) -> None:
+    def __init__(self, receive: str = "views") -> None:
         import queue
         import threading
 
-        self.copy_ahead = copy_ahead
+        from megatron_denoise.config.schema import RefitReceive
+
+        self.receive = RefitReceive(receive)
         self._q: "queue.Queue" = queue.Queue(maxsize=1)
         self._done = threading.Event()
+        self._events: list = []                 # release events of the buckets pushed so far
+        self.on_release = None                  # views: called with the buffer before a release
         self.buckets = 0
         self.bytes = 0
         self.tensors = 0
+        self.waited = 0.0                       # seconds the loader waited for a bucket
         self.error: "BaseException | None" = None
 
     def push(self, bucket: Bucket) -> None:
         import threading
 
+        bucket.open()
         consumed = threading.Event()
+        self._events = (self._events + [consumed])[-max(1, bucket.ring):]
+        wait_for = self._events[0] if len(self._events) == max(1, bucket.ring) else None
         self._q.put((bucket, consumed))
-        while not consumed.wait(0.1):
+        while wait_for is not None and not wait_for.wait(0.1):
             if self._done.is_set():
                 raise RuntimeError(f"refit: the engine stopped loading ({self.error!r})")
 
@@ -248,22 +391,29 @@ class BucketStream:
         self._q.put((_END, None))
 
     def __iter__(self):
+        from megatron_denoise.config.schema import RefitReceive
+
         try:
             while True:
+                t0 = time.perf_counter()
                 bucket, consumed = self._q.get()
+                self.waited += time.perf_counter() - t0
                 if bucket is _END:
                     return
                 self.buckets += 1
                 self.bytes += bucket.nbytes
-                tensors = bucket.tensors()
-                if self.copy_ahead:
-                    tensors = list(tensors)   # copies out of a reused buffer (views of an object-store one)
+                views = self.receive is RefitReceive.VIEWS or not bucket.reused
+                tensors = bucket.tensors(copy=not views)
+                if self.receive is RefitReceive.COPY_AHEAD:
+                    tensors = list(tensors)
                     _release(consumed, tensors[-1][1] if tensors else None)
                 last = None
                 for name, last in tensors:
                     self.tensors += 1
                     yield name, last
                 if not consumed.is_set():
+                    if self.on_release is not None and views and bucket.reused:
+                        self.on_release(bucket.open())
                     _release(consumed, last)
         finally:
             self._done.set()
@@ -271,8 +421,8 @@ class BucketStream:
 
 def _release(consumed, copy) -> None:
     """Let the sender refill its buffer. `copy` is one of the bucket's tensors here (None: none).
-    Copies out of a buffer on a GPU are only queued on this process's stream, and the sender fills
-    on its own: wait for them first."""
+    Reads of a buffer on a GPU (copies out of it, loads from it) are only queued on this process's
+    stream, and the sender fills on its own: wait for them first."""
     if copy is not None and copy.is_cuda:
         import torch
 
@@ -367,6 +517,28 @@ def _reprocess_tied_embeddings(after: list[tuple[str, object]], before: dict[str
     return done
 
 
+def _privatize_held(buffer) -> int:
+    """Copy out every tensor that vLLM's layer-wise reload still holds as a view of `buffer`.
+
+    The reload buffers a layer's loaded tensors until the layer is complete (all its weights
+    arrived; attention layers and layers with unloaded padding only at the end of the reload), and
+    only then copies them into the layer. A layer split across two buckets, or processed at the
+    end, would otherwise read a buffer the sender has refilled. Returns how many were copied."""
+    import torch
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    base = buffer.untyped_storage().data_ptr()
+    copied = 0
+    for info in list(layerwise.LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if (isinstance(value, torch.Tensor) and value.device == buffer.device
+                        and value.untyped_storage().data_ptr() == base):
+                    bound.arguments[key] = value.clone()
+                    copied += 1
+    return copied
+
+
 class RefitWorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker (it has `model_runner`, `vllm_config`)."""
 
@@ -387,11 +559,16 @@ class RefitWorkerExtension:
         executors only (uni, external_launcher): an iterator cannot cross a process boundary."""
         device = self.model_runner.device
         count = [0]
+        self.mdn_privatized = 0
+        if isinstance(weights, BucketStream):
+            def privatize(buffer):
+                self.mdn_privatized += _privatize_held(buffer)
+            weights.on_release = privatize
 
         def on_device():
             for n, t in weights:
                 count[0] += 1
-                # tensors from a reused buffer arrive as copies already (Bucket.tensors)
+                # views of the sender's buffer (views), or copies (copy, copy_ahead): BucketStream
                 yield n, t.to(device)
 
         self._mdn_reload(on_device())
@@ -412,6 +589,10 @@ class RefitWorkerExtension:
     def mdn_last_tied_reprocessed(self) -> list[str]:
         """Names of the tied embeddings the last refit post-processed after the reload (a probe for tests)."""
         return list(getattr(self, "mdn_tied_reprocessed", []))
+
+    def mdn_last_privatized(self) -> int:
+        """How many held tensors the last streamed refit copied out of a buffer before releasing it."""
+        return int(getattr(self, "mdn_privatized", 0))
 
     def mdn_last_tied_skipped(self) -> list[str]:
         """Names of the tied embeddings whose post-processing the last refit skipped (a probe for tests)."""

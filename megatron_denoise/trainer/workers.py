@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from megatron_denoise import chaos
@@ -109,6 +110,7 @@ class PolicyWorkerImpl:
         redirect_worker_output(f"policy_rank{rank}")  # before anything imports and warns
         self._args = (cfg_dict, rank, world_size, master_addr, master_port, hf_path)
         self.rank = rank
+        self._refit_pools: dict = {}    # transport -> RefitBuffers kept across refits
         chaos.set_role(f"policy{rank}")
 
     def where(self) -> dict:
@@ -185,15 +187,17 @@ class PolicyWorkerImpl:
     def refit(self, targets: list, bucket_bytes: int, transport: str = "shm") -> dict:
         """Stream the weights (HF names) into `targets`, the engine processes this rank feeds (its
         colocated replica slice). Every rank iterates the gathered tensors (the gathers are
-        collectives); a rank without targets drops each at once. Buckets of `bucket_bytes`, one in
-        flight: the next is filled only after every target has consumed the last. Returns this
+        collectives); a rank without targets drops each at once. Buckets of `bucket_bytes`, in one
+        reused buffer (two with `rollout.refit_receive: views`), each refilled only after every target
+        released the bucket in it (see rollout.refit.BucketStream). Returns this
         rank's figures (buckets, bytes, the engines' load seconds, measured peak extra memory)."""
         import ray
 
         from megatron_denoise.convert.megatron_io import actor_hf_weights
-        from megatron_denoise.rollout.refit import PeakRSS, stream_buckets
+        from megatron_denoise.rollout.refit import PeakRSS, RefitBuffers, refit_buffers, stream_buckets
 
-        stats = {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "engine_seconds": 0.0}
+        stats = {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "engine_seconds": 0.0,
+                 "fill_seconds": 0.0, "push_seconds": 0.0}
         chaos.point("refit")
         timeout = float(self.cfg.trainer.call_timeout_s)
         # an engine that dies (or hangs) mid-refit must not leave this rank's peers waiting in a
@@ -207,19 +211,29 @@ class PolicyWorkerImpl:
                 except Exception as e:  # noqa: BLE001 - raised after the gathers
                     failed.append(e)
             keep = lambda name: bool(targets) and not failed  # noqa: E731
+            mark = time.perf_counter()      # fill: gathers, HF conversion, copies into the buffer
+            pool = self._refit_pools.get(transport)
+            if pool is None and self.cfg.rollout.refit_keep_buffers:
+                pool = self._refit_pools[transport] = RefitBuffers(transport)
             for bucket in stream_buckets(actor_hf_weights(self.actor), bucket_bytes, keep=keep,
-                                         transport=transport):
+                                         transport=transport, buffers=refit_buffers(self.cfg.rollout), pool=pool):
+                filled = time.perf_counter()
+                stats["fill_seconds"] += filled - mark
                 if failed:
+                    mark = time.perf_counter()
                     continue
                 ref = ray.put(bucket)
                 try:
-                    ray.get([t.refit_push.remote(ref) for t in targets], timeout=timeout)  # one bucket in flight
+                    ray.get([t.refit_push.remote(ref) for t in targets], timeout=timeout)
                 except Exception as e:  # noqa: BLE001
                     failed.append(e)
+                mark = time.perf_counter()  # push: until the engines let this rank fill its next buffer
+                stats["push_seconds"] += mark - filled
                 stats["buckets"] += 1
                 stats["bytes"] += bucket.nbytes
                 stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], bucket.nbytes)
                 del ref, bucket
+            stats["fill_seconds"] += time.perf_counter() - mark
             if targets:
                 try:
                     done = ray.get([t.refit_end.remote() for t in targets], timeout=timeout)
@@ -229,6 +243,7 @@ class PolicyWorkerImpl:
             raise RuntimeError(f"policy rank {self.rank}: refit into its engine processes failed: "
                                f"{type(failed[0]).__name__}: {str(failed[0]).splitlines()[0][:300]}")
         stats["engine_seconds"] = max([d["seconds"] for d in done], default=0.0)
+        stats["engine_wait_seconds"] = max([d["waited"] for d in done], default=0.0)
         stats["engine_tensors"] = [d["tensors"] for d in done]
         stats["peak_extra_bytes"] = mem.extra_bytes
         return stats
@@ -254,6 +269,8 @@ class PolicyWorkerImpl:
     def shutdown(self) -> None:
         from megatron_denoise.megatron import parallel_state
 
+        for pool in self._refit_pools.values():   # the refit's /dev/shm files
+            pool.cleanup()
         parallel_state.teardown(destroy_process_group=True)
 
 
@@ -313,7 +330,8 @@ class EngineReplicaImpl:
         chaos.point("refit")
         if self._refit is not None:
             raise RuntimeError(f"replica {self.replica}: a refit is already under way")
-        stream = BucketStream(copy_ahead=self.rc.refit_copy_ahead)
+        # the transformers oracle engine keeps every tensor until the end: it needs copies
+        stream = BucketStream(self.rc.refit_receive if hasattr(self.engine, "refit_stream") else "copy")
         state = {"stream": stream, "seconds": 0.0, "error": None, "buffered": None}
 
         def load():
@@ -344,7 +362,8 @@ class EngineReplicaImpl:
         if state["buffered"] is not None:
             state["seconds"] = self.engine.update_weights(state["buffered"])
         st = state["stream"]
-        return {"seconds": state["seconds"], "buckets": st.buckets, "bytes": st.bytes, "tensors": st.tensors}
+        return {"seconds": state["seconds"], "buckets": st.buckets, "bytes": st.bytes, "tensors": st.tensors,
+                "waited": st.waited}
 
     def sleep(self, level: Optional[int] = None) -> None:
         if level is None or self.engine.__class__.__name__ != "VLLMEngine":
@@ -521,6 +540,12 @@ class PolicyGroup:
             "refit/mb_sent": sum(p["bytes"] for p in per_rank) / 2**20,
             "refit/max_bucket_mb": max(p["max_bucket_bytes"] for p in per_rank) / 2**20,
             "refit/engine_seconds": max(p["engine_seconds"] for p in per_rank),
+            # where the refit's time went: the senders filling buffers and waiting for the engines,
+            # the engines' loaders waiting for buckets (the rest of engine_seconds is the load)
+            # (time/*: wall times, which differ between identical runs)
+            "time/refit_fill": max(p["fill_seconds"] for p in per_rank),
+            "time/refit_push": max(p["push_seconds"] for p in per_rank),
+            "time/refit_engine_wait": max(p["engine_wait_seconds"] for p in per_rank),
             "refit/peak_extra_mb": max(p["peak_extra_bytes"] for p in per_rank) / 2**20,
         }
         return self.last_refit
@@ -710,9 +735,11 @@ class RolloutFleet:
             pos += 1 + len(rest)
         return out
 
-    def update_weights(self, named, bucket_bytes: Optional[int] = None, transport: str = "object") -> float:
+    def update_weights(self, named, bucket_bytes: Optional[int] = None, transport: str = "object",
+                       buffers: int = 2) -> float:
         """Push (name, tensor) pairs from the driver (tests, tools) to every engine process, with
-        the trainer's protocol: buckets of bucket_bytes, one in flight."""
+        the trainer's protocol: buckets of bucket_bytes in `buffers` reused buffers (each bucket
+        says how many, so any `rollout.refit_receive` of the replicas is safe)."""
         import ray
 
         from megatron_denoise.rollout.refit import DEFAULT_BUCKET_BYTES, stream_buckets
@@ -720,7 +747,8 @@ class RolloutFleet:
         hs, names = self.handles(), self._names()
         self._wait([h.refit_begin.remote() for h in hs], names, "refit_begin")
         try:
-            for bucket in stream_buckets(named, bucket_bytes or DEFAULT_BUCKET_BYTES, transport=transport):
+            for bucket in stream_buckets(named, bucket_bytes or DEFAULT_BUCKET_BYTES, transport=transport,
+                                         buffers=buffers):
                 ref = ray.put(bucket)
                 self._wait([h.refit_push.remote(ref) for h in hs], names, "refit_push")
         finally:

@@ -1,7 +1,8 @@
 """The bucketed refit protocol without engines: buckets hold at most bucket_bytes (an oversized
-tensor travels alone), every dtype and shape comes back bit-exact, ONE buffer is reused, the sender
-is held until its bucket is consumed (one bucket in flight), and the sender's extra memory is about
-one bucket where cloning the model costs the model."""
+tensor travels alone), every dtype and shape comes back bit-exact, the sender reuses one buffer
+(two, alternating, when the engine reads views) and refills one only after the bucket in it was
+released, what a loader holds past a release is copied out first, and the sender's extra memory is
+about one bucket where cloning the model costs the model."""
 from __future__ import annotations
 
 import os
@@ -56,48 +57,122 @@ def test_cuda_tensors_are_staged_on_their_gpu_only_for_the_colocated_transport()
     """"shm" (colocated replica, same GPU): the bucket stays on the tensors' GPU and travels as a CUDA
     IPC handle; "object" (replicas on other GPUs or nodes, rollout.colocate false): a host copy,
     since an IPC handle cannot be opened elsewhere (tests/gpu checks the payloads on a GPU)."""
-    from megatron_denoise.rollout.refit import _Buffers
+    from megatron_denoise.rollout.refit import RefitBuffers
 
     gpu = torch.device("cuda", 1)
-    assert _Buffers("shm").device_for(gpu) == gpu
-    assert _Buffers("object").device_for(gpu) == torch.device("cpu")
-    assert _Buffers("shm").device_for(torch.device("cpu")) == torch.device("cpu")
+    assert RefitBuffers("shm").device_for(gpu) == gpu
+    assert RefitBuffers("object").device_for(gpu) == torch.device("cpu")
+    assert RefitBuffers("shm").device_for(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("copy_ahead", [False, True])
-def test_one_reused_buffer_and_one_bucket_in_flight(copy_ahead):
-    src = [(f"w{i}", torch.full((64,), float(i))) for i in range(10)]            # 256 B each
-    stream = BucketStream(copy_ahead=copy_ahead)
-    loaded, order = [], []
+@pytest.mark.parametrize("receive", ["copy", "copy_ahead", "views"])
+def test_reused_buffers_are_refilled_only_after_their_bucket_was_released(receive):
+    """Ten 256-byte tensors in 512-byte buckets (w0 w1 | w2 w3 | ...). The loader holds on to every
+    tensor until the end, as vLLM's layer-wise reload holds those of an incomplete layer; with views
+    the stream's release hook copies them out of a buffer before the buffer goes back."""
+    src = [(f"w{i}", torch.full((64,), float(i))) for i in range(10)]
+    stream = BucketStream(receive)
+    held, order, mapped = [], [], {}
     second_pushed = threading.Event()
+
+    def copy_out(buffer):                                  # the engine's _privatize_held, for this loader
+        order.append(("release", buffer.data_ptr()))
+        for i, (n, t) in enumerate(held):
+            if t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                held[i] = (n, t.clone())
+
+    stream.on_release = copy_out
 
     def loader():
         for n, t in stream:
-            if n == "w0":  # copy-ahead frees the buffer before the load: the sender can push bucket 2
-                order.append(("second pushed before the first load", second_pushed.wait(5 if copy_ahead else 0.5)))
+            if n == "w0":  # copy-ahead and views let the sender fill bucket 2 before bucket 1 loads
+                order.append(("second pushed before the first load", second_pushed.wait(0.5 if receive == "copy" else 5)))
             time.sleep(0.01)
-            loaded.append((n, float(t[0])))
+            held.append((n, t))
             order.append(("load", n))
 
     th = threading.Thread(target=loader)
     th.start()
-    paths = set()
-    for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm"):
-        paths.add(b.payload["path"])
+    for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm", buffers=2 if receive == "views" else 1):
+        mapped[b.entries[0][0]] = b.payload["path"]
         order.append(("push", b.entries[0][0]))
         if b.entries[0][0] == "w2":
             second_pushed.set()
-        stream.push(b)                      # returns once the loader copied (or took) every tensor of it
-        order.append(("consumed", b.entries[-1][0]))
+        stream.push(b)
+        order.append(("returned", b.entries[0][0]))
     stream.close()
     th.join()
-    assert loaded == [(f"w{i}", float(i)) for i in range(10)]                   # no overwritten buffer read
-    assert len(paths) == 1 and stream.buckets == 5
-    assert ("second pushed before the first load", copy_ahead) in order
-    for k in range(4):  # the next bucket is filled only after the previous one was released
-        assert order.index(("consumed", f"w{2 * k + 1}")) < order.index(("push", f"w{2 * k + 2}"))
-        if not copy_ahead:  # ... which without copy-ahead means fully loaded
-            assert order.index(("load", f"w{2 * k + 1}")) < order.index(("consumed", f"w{2 * k + 1}"))
+    assert [(n, float(t[0])) for n, t in held] == [(f"w{i}", float(i)) for i in range(10)]  # no refilled buffer read
+    assert all(bool((t == float(n[1:])).all()) for n, t in held)
+    assert len(set(mapped.values())) == (2 if receive == "views" else 1) and stream.buckets == 5
+    assert ("second pushed before the first load", receive != "copy") in order
+    pos = order.index
+    for k in range(3):  # the buffer of bucket k is refilled (bucket k + 1 or k + 2) only after bucket k was released
+        first, last, refill = f"w{2 * k}", f"w{2 * k + 1}", f"w{2 * k + (4 if receive == 'views' else 2)}"
+        if receive == "views":
+            assert pos(("load", last)) < pos(("returned", f"w{2 * k + 2}")) < pos(("push", refill))
+            assert ("returned", f"w{2 * k + 2}") in order
+        elif receive == "copy":
+            assert pos(("load", last)) < pos(("returned", first)) < pos(("push", refill))
+        else:
+            assert pos(("returned", first)) < pos(("push", refill))
+    releases = [e for e in order if e[0] == "release"]
+    assert len(releases) == (5 if receive == "views" else 0)
+
+
+def test_views_without_the_release_hook_would_read_refilled_buffers():
+    """The hook is what makes views safe: without it, a tensor held past its bucket's release shows
+    the values of a later bucket (the sender refilled the buffer)."""
+    src = [(f"w{i}", torch.full((64,), float(i))) for i in range(10)]
+    stream = BucketStream("views")
+    held = []
+    th = threading.Thread(target=lambda: held.extend(stream))
+    th.start()
+    for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm", buffers=2):
+        stream.push(b)
+    stream.close()
+    th.join()
+    assert [n for n, _ in held] == [f"w{i}" for i in range(10)]
+    assert [float(t[0]) for _, t in held] != [float(i) for i in range(10)]
+
+
+def test_a_one_buffer_sender_is_held_until_its_bucket_is_released_whatever_the_receiver_reads():
+    """Each bucket says how many buffers its sender alternates: a one-buffer sender (a tool's
+    refit) into a views receiver waits until its bucket was loaded, so it never refills a buffer
+    the engine reads."""
+    src = [(f"w{i}", torch.full((64,), float(i))) for i in range(6)]
+    stream = BucketStream("views")
+    order = []
+    th = threading.Thread(target=lambda: [order.append(("load", n)) or time.sleep(0.01) for n, _ in stream])
+    th.start()
+    for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm", buffers=1):
+        assert b.ring == 1
+        stream.push(b)
+        order.append(("returned", b.entries[-1][0]))
+    stream.close()
+    th.join()
+    for k in range(3):
+        assert order.index(("load", f"w{2 * k + 1}")) < order.index(("returned", f"w{2 * k + 1}"))
+
+
+def test_an_oversized_tensor_buffer_outlives_its_bucket_until_released():
+    """A tensor larger than a bucket travels in a file of its own. With two buffers in turn, asking
+    for the next bucket releases all but the last yielded one: big's file stays while "w" is out,
+    and goes when "x" is asked for. With one buffer it goes as soon as the next one is asked for."""
+    src = [("big", torch.arange(200.0)), ("w", torch.ones(8)), ("x", torch.ones(8)), ("y", torch.ones(8))]
+    gen = stream_buckets(iter(src), bucket_bytes=32, transport="shm", buffers=2)
+    big = next(gen)
+    assert big.entries[0][0] == "big" and os.path.exists(big.payload["path"])
+    assert next(gen).entries[0][0] == "w"
+    assert os.path.exists(big.payload["path"])                  # big's bucket may still be loading
+    assert torch.equal(dict(big.tensors())["big"], torch.arange(200.0))
+    assert next(gen).entries[0][0] == "x"
+    assert not os.path.exists(big.payload["path"])
+    gen.close()
+    gen = stream_buckets(iter(src), bucket_bytes=32, transport="shm", buffers=1)
+    big = next(gen)
+    assert next(gen).entries[0][0] == "w" and not os.path.exists(big.payload["path"])
+    gen.close()
 
 
 def test_peak_extra_memory_is_about_one_bucket_not_the_model():
@@ -117,3 +192,51 @@ def test_peak_extra_memory_is_about_one_bucket_not_the_model():
     assert streamed.extra_bytes < 2 * bucket
     assert cloned.extra_bytes > 40 << 20
     del copies
+
+
+def test_a_kept_pool_reuses_its_files_across_refits_and_deletes_them_at_cleanup():
+    """A policy rank keeps its /dev/shm buffers from one refit to the next (no fresh pages to
+    fault in); oversized tensors' files still go, and cleanup deletes the rest."""
+    from megatron_denoise.rollout.refit import RefitBuffers
+
+    src = [("a", torch.ones(64)), ("big", torch.arange(300.0)), ("b", torch.full((64,), 2.0)),
+           ("c", torch.full((64,), 3.0))]
+    pool = RefitBuffers("shm")
+    seen = []
+    for refit in range(2):
+        paths = []
+        for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm", buffers=2, pool=pool):
+            paths.append(b.payload["path"])
+            assert [(n, float(t[-1])) for n, t in b.tensors()] == [(n, float(t[-1])) for n, t in src
+                                                                  if n in [e[0] for e in b.entries]]
+        seen.append(paths)
+        assert not os.path.exists(paths[1])                         # big's own file went
+        assert all(os.path.exists(p) for p in (paths[0], paths[2]))  # the ring stays
+    assert seen[0][0] == seen[1][0] and seen[0][2] == seen[1][2]     # the same files, reused
+    assert seen[0][1] != seen[1][1]
+    pool.cleanup()
+    assert not any(os.path.exists(p) for p in seen[0] + seen[1])
+    with pytest.raises(ValueError, match="transport 'shm' given for transport 'object'"):
+        next(stream_buckets(iter(src), bucket_bytes=512, transport="object", pool=pool))
+
+
+def test_files_left_by_a_gone_process_of_this_host_are_swept(tmp_path):
+    """A rank killed with its buffers in /dev/shm leaves files named after its host and pid: the
+    next rank's pool deletes those of processes that are gone, and no others."""
+    import socket
+    import subprocess
+
+    from megatron_denoise.rollout.refit import SHM_PREFIX, sweep_stale
+
+    host = socket.gethostname()
+    child = subprocess.Popen(["true"])                                # a pid that is gone now
+    child.wait()
+    gone_pid = child.pid
+    names = {"gone": f"{SHM_PREFIX}{host}@{gone_pid}@abcd1234-0",
+             "alive": f"{SHM_PREFIX}{host}@{os.getpid()}@abcd1234-0",
+             "other_host": f"{SHM_PREFIX}{host}x@{gone_pid}@abcd1234-0",
+             "not_ours": f"something-{gone_pid}"}
+    for n in names.values():
+        (tmp_path / n).write_bytes(b"x")
+    assert sweep_stale(host, root=str(tmp_path)) == [str(tmp_path / names["gone"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "gone")

@@ -159,10 +159,20 @@ def test_golden_curve_tp2(uninterrupted):
     assert all(gn > 0 for _, _, gn in got) and any(r > 0 for _, r, _ in got)
     for s in m.values():  # METHOD.md section 4 metrics and the phase split, every step
         for k in ("recovery_rate", "main_accuracy", "denoise_accuracy", "fallback_count",
-                  "continuation_length_mean", "time/generate", "time/reward", "time/train", "time/refit"):
+                  "continuation_length_mean", "time/generate", "time/reward", "time/train", "time/refit",
+                  "time/refit_fill", "time/refit_push", "time/refit_engine_wait"):
             assert k in s, k
         assert s["loss_impl_fused"] == 1.0  # the tiny config trains through the fused loss (the default)
+        # where the refit went: the sender's fill and wait, and the engine's wait, are parts of it
+        assert 0 < s["time/refit_fill"] <= s["time/refit"] and s["time/refit_push"] <= s["time/refit"]
+        assert s["time/refit_engine_wait"] <= s["refit/engine_seconds"] <= s["time/refit"]
     assert latest_step(uninterrupted) == STEPS
+    # the policy ranks kept their refit buffers (/dev/shm files) between steps and deleted them when
+    # the run shut down
+    import socket
+
+    from megatron_denoise.rollout.refit import SHM_PREFIX
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{socket.gethostname()}@")]
 
 
 def test_kill9_then_sigterm_resume_matches_uninterrupted(uninterrupted, workdir):
