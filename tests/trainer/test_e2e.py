@@ -118,9 +118,21 @@ def workdir(tmp_path_factory):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def refit_files() -> set[str]:
+    """The policy ranks' refit buffers in /dev/shm on this host (rollout.refit.RefitBuffers)."""
+    import socket
+
+    from megatron_denoise.rollout.refit import SHM_PREFIX
+    return {f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{socket.gethostname()}@")}
+
+
+SHM_BEFORE: set[str] = set()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
     run = workdir / "full"
+    SHM_BEFORE.update(refit_files())
     proc = launch(run, workdir / "problems.jsonl")
     rc = wait(proc, run, 1200)
     log = (workdir / "full.log").read_text()
@@ -169,10 +181,7 @@ def test_golden_curve_tp2(uninterrupted):
     assert latest_step(uninterrupted) == STEPS
     # the policy ranks kept their refit buffers (/dev/shm files) between steps and deleted them when
     # the run shut down
-    import socket
-
-    from megatron_denoise.rollout.refit import SHM_PREFIX
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{socket.gethostname()}@")]
+    assert not refit_files() - SHM_BEFORE
 
 
 def test_kill9_then_sigterm_resume_matches_uninterrupted(uninterrupted, workdir):
