@@ -49,7 +49,7 @@ from typing import Iterable
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
 
 __all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors", "Bucket",
-           "stream_buckets", "BucketStream", "RefitBuffers", "refit_buffers", "sweep_stale",
+           "stream_buckets", "BucketStream", "RefitBuffers", "refit_buffers", "sweep_stale", "host_tag",
            "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -113,7 +113,15 @@ class Bucket:
 
         kind = self.payload["kind"]
         if kind == "shm":
-            return torch.from_file(self.payload["path"], shared=True, size=self.payload["size"], dtype=torch.uint8)
+            import os
+
+            path, size = self.payload["path"], self.payload["size"]
+            # torch.from_file(shared=True) would CREATE a missing file: zeros loaded without a word
+            have = os.path.getsize(path) if os.path.exists(path) else None
+            if have is None or have < size:
+                raise RuntimeError(f"refit bucket file {path}: {'missing' if have is None else f'{have} bytes'}, "
+                                   f"expected {size} bytes (deleted by another process?)")
+            return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         if kind == "ipc":
             rebuild, args = self.payload["handle"]
             return rebuild(*args)
@@ -156,14 +164,13 @@ class RefitBuffers:
 
     def __init__(self, transport: str) -> None:
         import os
-        import socket
         import uuid
 
         self.transport = transport
         self.files: list[str] = []
         self.made = 0                   # files made so far: names are never reused
         self.ring: list = []            # (buffer, path) kept from the last refit
-        self.host = socket.gethostname()
+        self.host = host_tag()
         self.tag = f"{SHM_PREFIX}{self.host}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
         if transport == "shm":
             sweep_stale(self.host)
@@ -190,8 +197,13 @@ class RefitBuffers:
 
     def payload(self, flat, path, nbytes: int) -> dict:
         if flat.is_cuda:
+            import torch
             from torch.multiprocessing.reductions import reduce_tensor
 
+            # the fill is only queued on this process's stream. The IPC event recorded here is
+            # waited on by a receiver that opens the handle; one that finds a reused buffer in
+            # torch's IPC cache (rebuild_cuda_tensor's storage_from_cache) does not wait: sync first
+            torch.cuda.current_stream(flat.device).synchronize()
             return {"kind": "ipc", "handle": reduce_tensor(flat)}
         if path is not None:
             return {"kind": "shm", "path": path, "size": int(flat.numel())}
@@ -228,9 +240,23 @@ class RefitBuffers:
                 pass
 
 
+def host_tag() -> str:
+    """This host's name and PID namespace: two containers may share a host name and /dev/shm
+    (`--net=host --ipc=host`) but not their process ids."""
+    import os
+    import socket
+
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{socket.gethostname()}.pidns{ns}"
+
+
 def sweep_stale(host: str, root: str = "/dev/shm") -> list[str]:
-    """Delete the refit files in `root` that processes of `host` which no longer run left behind
-    (a rank killed during a refit, or between refits with its kept buffers). Returns their paths."""
+    """Delete the refit files in `root` that processes of `host` (a host name and PID namespace,
+    RefitBuffers.host) which no longer run left behind (a rank killed during a refit, or between
+    refits with its kept buffers). Returns their paths."""
     import os
 
     gone = []
@@ -378,6 +404,8 @@ class BucketStream:
     def push(self, bucket: Bucket) -> None:
         import threading
 
+        if self._done.is_set():
+            raise RuntimeError(f"refit: the engine stopped loading ({self.error!r})")
         bucket.open()
         consumed = threading.Event()
         self._events = (self._events + [consumed])[-max(1, bucket.ring):]
@@ -385,7 +413,20 @@ class BucketStream:
         self._q.put((bucket, consumed))
         while wait_for is not None and not wait_for.wait(0.1):
             if self._done.is_set():
-                raise RuntimeError(f"refit: the engine stopped loading ({self.error!r})")
+                break
+        if self.error is not None:
+            raise RuntimeError(f"refit: the engine stopped loading ({self.error!r})")
+        if wait_for is not None and not wait_for.is_set():
+            raise RuntimeError("refit: the engine stopped loading before it released a bucket")
+
+    def fail(self, error: BaseException) -> None:
+        """The loader stopped: every waiting and later push raises instead of waiting for a release
+        that will not come (the loader's generator may be stuck mid-bucket, its `finally` not run).
+        The caller then drains the queue (`for _ in stream`), so that pushes never block on it."""
+        self.error = error
+        self._done.set()
+        for ev in list(self._events):
+            ev.set()
 
     def close(self) -> None:
         self._q.put((_END, None))
@@ -451,13 +492,14 @@ def _split_tied(groups: list[list[tuple[str, object]]]) -> tuple[list, list]:
     building it cost SmolLM2 0.1-0.16 s (49152 x 576) per refit. A group without a
     `ParallelLMHead` (a model that computes logits with the embedding module itself) keeps every
     member's post-processing."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
     skip, after = [], []
     for group in groups:
         heads = [nm for nm in group if isinstance(nm[1], ParallelLMHead)]
-        if heads:
-            skip += [nm for nm in group if not isinstance(nm[1], ParallelLMHead)]
+        if heads:   # (a quantized embedding's lookup may need its processed weight: it keeps it)
+            skip += [nm for nm in group if not isinstance(nm[1], ParallelLMHead)
+                     and type(getattr(nm[1], "quant_method", None)) is UnquantizedEmbeddingMethod]
             after += heads
         else:
             after += group

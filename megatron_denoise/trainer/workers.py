@@ -342,8 +342,8 @@ class EngineReplicaImpl:
                     state["buffered"] = list(stream)
             except BaseException as e:  # noqa: BLE001 - reported by refit_end
                 state["error"] = e
-                stream.error = e
-                for _ in stream:  # drain, so that pushers are released
+                stream.fail(e)    # pushers raise instead of waiting for a release
+                for _ in stream:  # drain, so that no push blocks on the queue
                     pass
 
         state["thread"] = threading.Thread(target=load, name=f"refit-replica-{self.replica}", daemon=True)

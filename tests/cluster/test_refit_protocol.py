@@ -155,6 +155,47 @@ def test_a_one_buffer_sender_is_held_until_its_bucket_is_released_whatever_the_r
         assert order.index(("load", f"w{2 * k + 1}")) < order.index(("returned", f"w{2 * k + 1}"))
 
 
+@pytest.mark.parametrize("receive", ["copy", "copy_ahead", "views"])
+def test_an_engine_that_fails_mid_bucket_releases_its_sender(receive):
+    """The loader raises on the second tensor of a bucket (an HF name the engine does not know),
+    as the replica's load thread sees it: its generator stays suspended in that bucket (the
+    exception's traceback holds it), so no release would come. `fail` makes the sender's push raise
+    at once, and the drain lets the replica's refit_end finish."""
+    src = [(f"w{i}", torch.full((64,), float(i))) for i in range(10)]
+    stream = BucketStream(receive)
+
+    def loader():
+        it = iter(stream)                   # held by this frame, as vLLM's loader frames hold theirs
+        try:
+            for n, _ in it:
+                if n == "w3":
+                    raise ValueError("no parameter for w3")
+        except ValueError as e:
+            stream.fail(e)
+            for _ in stream:
+                pass
+
+    def sender():
+        try:
+            for b in stream_buckets(iter(src), bucket_bytes=512, transport="shm",
+                                    buffers=2 if receive == "views" else 1):
+                stream.push(b)
+                pushed.append(b.entries[0][0])
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    pushed, raised = [], []
+    threads = [threading.Thread(target=loader, daemon=True), threading.Thread(target=sender, daemon=True)]
+    [t.start() for t in threads]
+    threads[1].join(20)                     # (a hang fails here instead of stalling the run)
+    assert not threads[1].is_alive(), f"the sender still waits for a release after {pushed}"
+    assert len(raised) == 1 and "the engine stopped loading" in raised[0] and "no parameter for w3" in raised[0]
+    assert len(pushed) <= 3
+    stream.close()
+    threads[0].join(20)
+    assert not threads[0].is_alive()
+
+
 def test_an_oversized_tensor_buffer_outlives_its_bucket_until_released():
     """A tensor larger than a bucket travels in a file of its own. With two buffers in turn, asking
     for the next bucket releases all but the last yielded one: big's file stays while "w" is out,
@@ -223,12 +264,11 @@ def test_a_kept_pool_reuses_its_files_across_refits_and_deletes_them_at_cleanup(
 def test_files_left_by_a_gone_process_of_this_host_are_swept(tmp_path):
     """A rank killed with its buffers in /dev/shm leaves files named after its host and pid: the
     next rank's pool deletes those of processes that are gone, and no others."""
-    import socket
     import subprocess
 
-    from megatron_denoise.rollout.refit import SHM_PREFIX, sweep_stale
+    from megatron_denoise.rollout.refit import SHM_PREFIX, host_tag, sweep_stale
 
-    host = socket.gethostname()
+    host = host_tag()
     child = subprocess.Popen(["true"])                                # a pid that is gone now
     child.wait()
     gone_pid = child.pid
@@ -240,3 +280,15 @@ def test_files_left_by_a_gone_process_of_this_host_are_swept(tmp_path):
         (tmp_path / n).write_bytes(b"x")
     assert sweep_stale(host, root=str(tmp_path)) == [str(tmp_path / names["gone"])]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "gone")
+
+
+def test_a_bucket_whose_file_is_gone_fails_loudly_instead_of_loading_zeros():
+    """torch.from_file(shared=True) creates a missing file: a bucket whose file another process
+    deleted must not map an empty one."""
+    gen = stream_buckets(iter([("w", torch.ones(64))]), bucket_bytes=512, transport="shm")
+    b = next(gen)
+    os.unlink(b.payload["path"])
+    with pytest.raises(RuntimeError, match=f"refit bucket file {b.payload['path']}: missing"):
+        b.open()
+    assert not os.path.exists(b.payload["path"])
+    gen.close()

@@ -120,10 +120,8 @@ def workdir(tmp_path_factory):
 
 def refit_files() -> set[str]:
     """The policy ranks' refit buffers in /dev/shm on this host (rollout.refit.RefitBuffers)."""
-    import socket
-
-    from megatron_denoise.rollout.refit import SHM_PREFIX
-    return {f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{socket.gethostname()}@")}
+    from megatron_denoise.rollout.refit import SHM_PREFIX, host_tag
+    return {f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{host_tag()}@")}
 
 
 SHM_BEFORE: set[str] = set()
