@@ -53,6 +53,25 @@ def test_a_gpu_bucket_is_released_only_after_the_engine_copies_ran(monkeypatch):
         assert host.is_set() and len(calls) == 1
 
 
+def test_a_gpu_sender_syncs_its_fill_before_it_shares_the_buffer(monkeypatch):
+    """The sender's fill of a CUDA buffer is queued on its stream; a receiver that finds the reused
+    buffer in torch's IPC cache does not wait on the IPC event. The stream is synchronised BEFORE
+    the handle is made (recorded here: no GPU)."""
+    from types import SimpleNamespace
+
+    import torch.multiprocessing.reductions as reductions
+
+    from megatron_denoise.rollout.refit import RefitBuffers
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda d: SimpleNamespace(synchronize=lambda: calls.append(("sync", d))))
+    monkeypatch.setattr(reductions, "reduce_tensor", lambda t: calls.append(("share", t.device)) or ("rebuild", ()))
+    flat = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert RefitBuffers("shm").payload(flat, None, 8) == {"kind": "ipc", "handle": ("rebuild", ())}
+    assert calls == [("sync", torch.device("cuda", 1)), ("share", torch.device("cuda", 1))]
+
+
 def test_cuda_tensors_are_staged_on_their_gpu_only_for_the_colocated_transport():
     """"shm" (colocated replica, same GPU): the bucket stays on the tensors' GPU and travels as a CUDA
     IPC handle; "object" (replicas on other GPUs or nodes, rollout.colocate false): a host copy,
