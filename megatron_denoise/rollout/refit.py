@@ -46,6 +46,8 @@ import contextlib
 import time
 from typing import Iterable
 
+from megatron_denoise.config.schema import RefitReceive
+
 WORKER_EXTENSION = "megatron_denoise.rollout.refit.RefitWorkerExtension"
 
 __all__ = ["WORKER_EXTENSION", "RefitWorkerExtension", "pack_tensors", "unpack_tensors", "Bucket",
@@ -214,7 +216,7 @@ class RefitBuffers:
         others are deleted."""
         fits = [r for r in self.ring if r[0].numel() == bucket_bytes][:buffers]
         kept = {r[1] for r in fits}
-        self._unlink([r[1] for r in self.ring if r[1] not in kept])
+        self.unlink([r[1] for r in self.ring if r[1] not in kept])
         self.ring = []
         return fits
 
@@ -222,13 +224,13 @@ class RefitBuffers:
         """End of a stream: keep the ring's /dev/shm files for the next one, delete every other file."""
         self.ring = [r for r in ring if r[1] is not None]
         kept = {r[1] for r in self.ring}
-        self._unlink([p for p in self.files if p not in kept])
+        self.unlink([p for p in self.files if p not in kept])
 
     def cleanup(self) -> None:
         self.ring = []
-        self._unlink(list(self.files))
+        self.unlink(list(self.files))
 
-    def _unlink(self, paths) -> None:
+    def unlink(self, paths) -> None:
         import os
 
         for p in paths:
@@ -312,10 +314,13 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
     entries: list = []
     used = 0
 
+    def ring_bucket() -> Bucket:    # the bucket filled in the current ring slot
+        return Bucket(list(entries), bufs.payload(*ring[turn], used), used, buffers)
+
     def released() -> None:         # called after each yield returns: drop what is now released
         nonlocal pending
         keep_from = yielded - (buffers - 1)
-        bufs._unlink([p[2] for p in pending if p[0] < keep_from and p[2] is not None])  # its memory goes at once
+        bufs.unlink([p[2] for p in pending if p[0] < keep_from and p[2] is not None])  # its memory goes at once
         pending = [p for p in pending if p[0] >= keep_from]
 
     try:
@@ -327,20 +332,20 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
             meta = (name, str(t.dtype).removeprefix("torch."), tuple(t.shape))
             if nbytes > bucket_bytes:                      # travels alone, in a buffer of its own size
                 if entries:
-                    yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
+                    yield ring_bucket()
                     yielded += 1
                     released()
                     entries, used, turn = [], 0, (turn + 1) % buffers
                 own, own_path = bufs.new(nbytes, t.device)
                 own.view(t.dtype).view(t.shape).copy_(t)
                 pending.append((yielded, own, own_path))  # kept until its bucket is released
+                yield Bucket([(*meta, 0)], bufs.payload(own, own_path, nbytes), nbytes, buffers)
                 del own
-                yield Bucket([(*meta, 0)], bufs.payload(pending[-1][1], own_path, nbytes), nbytes, buffers)
                 yielded += 1
                 released()
                 continue
             if used + nbytes > bucket_bytes and entries:
-                yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
+                yield ring_bucket()
                 yielded += 1
                 released()
                 entries, used, turn = [], 0, (turn + 1) % buffers
@@ -354,7 +359,7 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
             entries.append((*meta, used))
             used = min(_align(used + nbytes), bucket_bytes)
         if entries:
-            yield Bucket(list(entries), bufs.payload(ring[turn][0], ring[turn][1], used), used, buffers)
+            yield ring_bucket()
     finally:
         if pool is None:
             bufs.cleanup()
@@ -364,8 +369,6 @@ def stream_buckets(named_tensors: Iterable[tuple[str, "object"]], bucket_bytes: 
 
 def refit_buffers(rollout_cfg) -> int:
     """How many buffers a sender alternates for `rollout.refit_receive` (see BucketStream)."""
-    from megatron_denoise.config.schema import RefitReceive
-
     return 2 if RefitReceive(rollout_cfg.refit_receive) is RefitReceive.VIEWS else 1
 
 
@@ -384,11 +387,9 @@ class BucketStream:
     before this one was released (`Bucket.ring` buffers in turn; with one, this bucket itself), so
     with two buffers and views the sender fills one while the engine loads from the other."""
 
-    def __init__(self, receive: str = "views") -> None:
+    def __init__(self, receive: str = RefitReceive.VIEWS) -> None:
         import queue
         import threading
-
-        from megatron_denoise.config.schema import RefitReceive
 
         self.receive = RefitReceive(receive)
         self._q: "queue.Queue" = queue.Queue(maxsize=1)
@@ -432,8 +433,6 @@ class BucketStream:
         self._q.put((_END, None))
 
     def __iter__(self):
-        from megatron_denoise.config.schema import RefitReceive
-
         try:
             while True:
                 t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Optional
 
 from megatron_denoise import chaos
-from megatron_denoise.config.schema import Config, PartialMode
+from megatron_denoise.config.schema import Config, PartialMode, RefitReceive
 
 
 def _free_port() -> int:
@@ -331,7 +331,7 @@ class EngineReplicaImpl:
         if self._refit is not None:
             raise RuntimeError(f"replica {self.replica}: a refit is already under way")
         # the transformers oracle engine keeps every tensor until the end: it needs copies
-        stream = BucketStream(self.rc.refit_receive if hasattr(self.engine, "refit_stream") else "copy")
+        stream = BucketStream(self.rc.refit_receive if hasattr(self.engine, "refit_stream") else RefitReceive.COPY)
         state = {"stream": stream, "seconds": 0.0, "error": None, "buffered": None}
 
         def load():
