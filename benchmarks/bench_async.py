@@ -8,7 +8,7 @@ benchmark leaves: data/train.with_wrong_boxed.parquet and warm_start/hf/final), 
 repeats the task, warm-start and pool stages. No validation, no checkpoints, no export: the
 figures are the steps themselves. The first `--skip` steps (engine warm-up; one_step's first
 step generates synchronously) are left out of the means. Alternating order over `--rounds`
-rounds evens out a shared machine's load drift; prefer `/work/notes/heavy --all` (a quiet machine).
+rounds evens out a shared machine's load drift; still, prefer a quiet machine.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Chaos harness: kill -9 the trainer's driver or one of its workers at seeded random points,
 resume, and check that the resumed run IS the uninterrupted run.
 
-    python benchmarks/chaos.py --kills 20 --seed 7            # (through /work/notes/heavy here)
+    python benchmarks/chaos.py --kills 20 --seed 7            # heavy: run it on a quiet machine
 
 One uninterrupted reference run of the e2e config (configs/tiny-denoise-grpo-cpu-1n2g-tp2.yaml:
 a tiny random Llama, tp=2 on 2 gloo ranks, a colocated vLLM replica, 2 verifier workers; CPU,

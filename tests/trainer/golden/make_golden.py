@@ -1,6 +1,6 @@
 """Record the e2e test's golden curve: tests/trainer/golden/tiny-denoise-grpo-cpu-1n2g-tp2.json.
 
-    /work/notes/heavy .venv/bin/python tests/trainer/golden/make_golden.py     # (heavy: Ray + vLLM + 2 ranks)
+    .venv/bin/python tests/trainer/golden/make_golden.py     # heavy (Ray + vLLM + 2 ranks): run it alone
 
 Runs the trainer exactly as tests/trainer/test_e2e.py's uninterrupted run does (the same
 `launch` and data from that module), uninterrupted, and writes loss, reward_mean and grad_norm of
