@@ -12,15 +12,16 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 from megatron_denoise.reward import VerifierPool, VerifyStatus
 
 SLOW = r"\boxed{9^{9^{9^9}}}"  # keeps a worker busy until its deadline
 
 
-def _when_busy_then(pool: VerifierPool, sig: int, item: int = 0, times: int = 1) -> threading.Thread:
-    """Send `sig` to the worker that holds answer `item` of the running batch (polled from the
-    pool), `times` times (each time to the next worker that judges it)."""
+def _when_busy_then(pool: VerifierPool, act: Callable[[int], None], item: int = 0, times: int = 1) -> threading.Thread:
+    """Call `act(pid)` for the worker that holds answer `item` of the running batch (polled from
+    the pool), `times` times (each time for the next worker that judges it)."""
 
     def run() -> None:
         t_end = time.monotonic() + 60
@@ -29,13 +30,17 @@ def _when_busy_then(pool: VerifierPool, sig: int, item: int = 0, times: int = 1)
             pid = pool._pid_judging(item)
             if pid is not None and pid not in hit:
                 time.sleep(0.2)
-                os.kill(pid, sig)
+                act(pid)
                 hit.add(pid)
             time.sleep(0.01)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def _send(sig: int) -> Callable[[int], None]:
+    return lambda pid: os.kill(pid, sig)
 
 
 def test_crash_hang_and_idle_death_are_survived():
@@ -46,7 +51,7 @@ def test_crash_hang_and_idle_death_are_survived():
 
         # 1. Crash: the worker judging the slow answer is killed; the other keeps serving, and
         # the answer is judged again (by whichever worker is free): here it runs into its deadline
-        killer = _when_busy_then(pool, signal.SIGKILL)
+        killer = _when_busy_then(pool, _send(signal.SIGKILL))
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         killer.join()
         # (soft deadline, or the wall-clock limit on a loaded machine: a timeout either way)
@@ -58,7 +63,7 @@ def test_crash_hang_and_idle_death_are_survived():
 
         # 1b. An answer whose second judge dies too is not retried again: `error`, 0
         pool.wait_ready()
-        killer = _when_busy_then(pool, signal.SIGKILL, times=2)
+        killer = _when_busy_then(pool, _send(signal.SIGKILL), times=2)
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         killer.join()
         assert res[0].status is VerifyStatus.ERROR and "worker died" in res[0].detail, res[0]
@@ -69,7 +74,7 @@ def test_crash_hang_and_idle_death_are_survived():
         # 2. Hang: the worker stops responding; the pool kills it at the wall-clock limit.
         pool.wait_ready()
         killed0 = pool.stats["workers_killed"]
-        stopper = _when_busy_then(pool, signal.SIGSTOP)
+        stopper = _when_busy_then(pool, _send(signal.SIGSTOP))
         res = pool.score_batch([SLOW] + fast, ["1"] + list(range(6)))
         stopper.join()
         assert res[0].status is VerifyStatus.TIMEOUT and "killed" in res[0].detail, res[0]
@@ -124,22 +129,11 @@ def test_interrupted_batch_leaves_no_stale_results():
     for its duration, so a handler some library left earlier in the session cannot decide it."""
     import _thread
 
-    def interrupt_when_judging(pool: VerifierPool) -> threading.Thread:
-        def run() -> None:
-            t_end = time.monotonic() + 60
-            while time.monotonic() < t_end and pool._pid_judging(0) is None:
-                time.sleep(0.01)
-            _thread.interrupt_main()
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        return t
-
     old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with VerifierPool(num_workers=1, deadline_s=5.0, kill_grace_s=0.5) as pool:
             pool.wait_ready()
-            sender = interrupt_when_judging(pool)
+            sender = _when_busy_then(pool, lambda pid: _thread.interrupt_main())
             t0 = time.monotonic()
             try:
                 pool.score_batch([SLOW, r"\boxed{1}"], ["1", "1"])
