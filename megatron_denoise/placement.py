@@ -276,8 +276,9 @@ class Placement:
         return self._ips[key]
 
     def rendezvous(self, group: int, bundle: int = 0) -> tuple[str, int]:
-        """(IP, free TCP port) ON the node holding a bundle: a process group's or a TP engine's
-        rendezvous address must be free where its rank 0 runs, not on the driver's node."""
+        """(IP, free TCP port; quiet_port) ON the node holding a bundle: a TP engine's rendezvous
+        address must be free where its rank 0 runs, not on the driver's node. (The policy group
+        needs none: its rank 0 serves the store on a port it binds itself.)"""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -331,13 +332,40 @@ def _node_ip() -> str:
 
 
 def _node_ip_and_port() -> tuple[str, int]:
-    import socket
-
     import ray
 
+    return ray.util.get_node_ip_address(), quiet_port()
+
+
+QUIET_PORTS_FROM = 20000  # above Ray's default worker ports (10002-19999)
+
+
+def quiet_port(attempts: int = 64) -> int:
+    """A TCP port free now and below the node's ephemeral range (ip_local_port_range), for a
+    rendezvous that its process binds later (vLLM's external launcher). Every outgoing connection's
+    local port and every bind to port 0 come from the ephemeral range, so between this probe and
+    that bind only a process choosing this very port can take it. Falls back to the OS's pick
+    when the ephemeral range starts too low to leave room."""
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_from = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_from = 32768  # Linux's default
+    rng = random.SystemRandom()  # not the trainer's seeded generator: concurrent jobs pick apart
+    for _ in range(attempts if ephemeral_from - QUIET_PORTS_FROM >= 1024 else 0):
+        port = rng.randrange(QUIET_PORTS_FROM, ephemeral_from)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+        return sock.getsockname()[1]
 
 
 def where_am_i() -> dict:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -67,16 +66,13 @@ def single_process_groups(layout: Any = None) -> Any:
     from megatron_denoise.layout import ParallelLayout
     from megatron_denoise.megatron import parallel_state
 
+    store = None
     if not dist.is_initialized() and "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        store = parallel_state.host_store(1)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     layout = layout or ParallelLayout(world_size=world)
-    return parallel_state.initialize(layout)
+    return parallel_state.initialize(layout, store=store)
 
 
 def _state_dict_for(models: Sequence[Any], metadata: Optional[dict] = None, prefix: str = "") -> dict:

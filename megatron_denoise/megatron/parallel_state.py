@@ -79,14 +79,36 @@ def _layout_value(layout: Any, name: str, default: Any) -> Any:
     return default if v is None else v
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed from the torchrun environment if not done yet."""
+def host_store(world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
+    """The rendezvous store, served by this process on a port the OS picks while binding it
+    (`.port`). A port probed free and bound later can be taken in between by any outgoing
+    connection on the node (Ray opens many): the group's rank 0, or a parent that spawns the
+    ranks, hosts the store instead and hands out its port."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def join_store(addr: str, port: int, world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
+    """A client of the store another process hosts (host_store) at addr:port."""
+    return dist.TCPStore(addr, int(port), world_size, is_master=False,
+                         timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
+                     store: Optional[dist.Store] = None) -> None:
+    """Initialise torch.distributed if not done yet: through `store` (host_store/join_store; RANK
+    and WORLD_SIZE from the environment) or, without one, from the torchrun environment."""
     if dist.is_initialized():
         return
     pg_backend = process_group_backend(backend, torch.cuda.is_available())
     if "nccl" in pg_backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=pg_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if store is None:
+        dist.init_process_group(backend=pg_backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=pg_backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def process_group_backend(backend: str, cuda: bool) -> str:
@@ -103,17 +125,18 @@ def process_group_backend(backend: str, cuda: bool) -> str:
 
 
 def initialize(layout: Any, *, backend: str = "auto", seed: int = 1,
-               timeout_minutes: int = 30) -> ProcessGroups:
+               timeout_minutes: int = 30, store: Optional[dist.Store] = None) -> ProcessGroups:
     """Build megatron's process groups for `layout` and seed the RNG tracker.
 
     `layout` is a ParallelLayout (megatron_denoise.layout) or any object with tp, pp, vpp, cp, ep,
     etp, world_size, sequence_parallel. The world size must equal torch.distributed's.
+    `store`: the rendezvous (host_store/join_store) when torch.distributed is not up yet.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
     apply_cpu_shims()
-    init_distributed(backend, timeout_minutes)
+    init_distributed(backend, timeout_minutes, store)
     world = dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"layout.world_size ({layout.world_size}) != torch.distributed world size ({world})")

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -87,12 +86,6 @@ def prepare(cfg: SFTConfig) -> Prepared:
                     pad_id=int(pad), report=summary)
 
 
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 def _under_torchrun() -> bool:
     """Started by torchrun (torch.distributed.run sets TORCHELASTIC_RUN_ID for its workers)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
@@ -106,14 +99,19 @@ def run(cfg: SFTConfig, world_size: int) -> int:
             raise ValueError(f"torchrun started {ws} processes but the config's world size is {world_size} "
                              f"(cluster.num_nodes x cluster.gpus_per_node, or --world-size)")
         return train_rank(cfg, prepare(cfg), int(os.environ["RANK"]), ws)
+    from megatron_denoise.megatron import parallel_state
+
     prepared = prepare(cfg)
     print(f"[sft] data: {prepared.report}", flush=True)
+    # the rendezvous store is served from here, on a port bound once (a probed port could be taken
+    # before the ranks bind it); the ranks join it
+    store = parallel_state.host_store(world_size)
     if world_size == 1:
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return train_rank(cfg, prepared, 0, 1)
+            return train_rank(cfg, prepared, 0, 1, store=store)
         finally:  # a later run in this process (tests, notebooks) starts from a clean environment
             for k, v in saved.items():
                 if v is None:
@@ -124,7 +122,7 @@ def run(cfg: SFTConfig, world_size: int) -> int:
 
     from megatron_denoise.trainer.signals import EXIT_PREEMPTED
 
-    ctx = mp.start_processes(_spawned, args=(cfg, prepared, world_size, str(_free_port())), nprocs=world_size,
+    ctx = mp.start_processes(_spawned, args=(cfg, prepared, world_size, store.port), nprocs=world_size,
                              join=False, start_method="spawn")
 
     def forward(signum, frame) -> None:
@@ -148,10 +146,12 @@ def run(cfg: SFTConfig, world_size: int) -> int:
     return 0
 
 
-def _spawned(rank: int, cfg: SFTConfig, prepared: Prepared, world_size: int, port: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    code = train_rank(cfg, prepared, rank, world_size)
+def _spawned(rank: int, cfg: SFTConfig, prepared: Prepared, world_size: int, port: int) -> None:
+    from megatron_denoise.megatron import parallel_state
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    code = train_rank(cfg, prepared, rank, world_size,
+                      store=parallel_state.join_store("127.0.0.1", port, world_size))
     if code:
         sys.exit(code)
 
@@ -176,7 +176,9 @@ def validation_loss(actor: Any, examples: list, rows: int, pad_id: int) -> float
     return total / max(count, 1.0)
 
 
-def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -> int:
+def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int, store: Any = None) -> int:
+    """One rank's training; `store`: its rendezvous (parallel_state.host_store/join_store), None
+    under torchrun."""
     import torch
     import torch.distributed as dist
 
@@ -198,7 +200,7 @@ def train_rank(cfg: SFTConfig, prepared: Prepared, rank: int, world_size: int) -
     layout = ParallelLayout.from_config(cfg.parallel, world_size)
     stop = GracefulStop().install()
     logger = None
-    groups = parallel_state.initialize(layout, backend=cfg.cluster.backend, seed=s.seed)
+    groups = parallel_state.initialize(layout, backend=cfg.cluster.backend, seed=s.seed, store=store)
     try:
         actor = MegatronActor(actor_config(cfg, total), groups, ActorOptions(total_steps_for_schedule=total))
         load_hf_into_actor(actor, prepared.hf_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 import threading
 import time
@@ -25,12 +24,6 @@ from typing import Any, Callable, Optional
 
 from megatron_denoise import chaos
 from megatron_denoise.config.schema import Config, PartialMode, RefitReceive
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def config_from_dict(d: dict) -> Config:
@@ -103,13 +96,13 @@ def stop_ray_session(temp_dir: str, grace_s: float = 1.0, remove: bool = False) 
 class PolicyWorkerImpl:
     """One rank of the Megatron actor (runs inside a Ray actor process)."""
 
-    def __init__(self, cfg_dict: dict, rank: int, world_size: int, master_addr: str, master_port: int,
-                 hf_path: str) -> None:
+    def __init__(self, cfg_dict: dict, rank: int, world_size: int, hf_path: str) -> None:
         from megatron_denoise.console import redirect_worker_output
 
         redirect_worker_output(f"policy_rank{rank}")  # before anything imports and warns
-        self._args = (cfg_dict, rank, world_size, master_addr, master_port, hf_path)
+        self._args = (cfg_dict, rank, world_size, hf_path)
         self.rank = rank
+        self._store = None              # rank 0: the group's rendezvous store (open_rendezvous)
         self._refit_pools: dict = {}    # transport -> RefitBuffers kept across refits
         chaos.set_role(f"policy{rank}")
 
@@ -118,8 +111,18 @@ class PolicyWorkerImpl:
 
         return where_am_i()
 
-    def setup(self) -> None:
-        cfg_dict, rank, world_size, master_addr, master_port, hf_path = self._args
+    def open_rendezvous(self) -> tuple[str, int]:
+        """Rank 0: serve the group's rendezvous store on a port bound here and now; returns this
+        node's IP and that port for the other ranks' setup."""
+        import ray
+
+        from megatron_denoise.megatron import parallel_state
+
+        self._store = parallel_state.host_store(self._args[2])
+        return ray.util.get_node_ip_address(), self._store.port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        cfg_dict, rank, world_size, hf_path = self._args
         # Ray gives each rank's actor exactly one visible GPU (CUDA_VISIBLE_DEVICES), so the local
         # device index is always 0; a rank-derived LOCAL_RANK would select a device it cannot see
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -136,7 +139,8 @@ class PolicyWorkerImpl:
         self.cfg = config_from_dict(cfg_dict)
         layout = ParallelLayout.from_config(self.cfg.parallel, world_size)
         backend = self.cfg.cluster.backend
-        self.groups = parallel_state.initialize(layout, backend=backend, seed=self.cfg.trainer.seed)
+        store = self._store or parallel_state.join_store(master_addr, master_port, world_size)
+        self.groups = parallel_state.initialize(layout, backend=backend, seed=self.cfg.trainer.seed, store=store)
         self.actor = MegatronActor(self.cfg, self.groups)
         load_hf_into_actor(self.actor, hf_path)  # checks the config against the folder; refreshes main params
         if self.cfg.algorithm.kl.coef > 0:  # the KL reference: the starting weights, frozen (a resume
@@ -429,10 +433,8 @@ class PolicyGroup:
         try:
             remote = ray.remote(PolicyWorkerImpl)
             cfg_dict = dataclasses.asdict(cfg)
-            # address and a free port of rank 0's node (not the driver's)
-            master_addr, master_port = placement.rendezvous(plan.policy[0].group, plan.policy[0].bundle)
-            workers = [remote.options(**placement.options(plan.policy[r])).remote(
-                cfg_dict, r, world, master_addr, master_port, hf_path) for r in range(world)]
+            workers = [remote.options(**placement.options(plan.policy[r])).remote(cfg_dict, r, world, hf_path)
+                       for r in range(world)]
             # scheduled and started within the timeout (or a named error), then the models are built
             where = placement.wait_ready({plan.policy[r]: w.where.remote() for r, w in enumerate(workers)})
             log_where(where)
@@ -441,7 +443,9 @@ class PolicyGroup:
             raise
         group = cls(workers, placement, bucket_bytes=int(cfg.rollout.refit_bucket_mb) << 20,
                     call_timeout_s=cfg.trainer.call_timeout_s)
-        group.call("setup")
+        # rank 0 serves the rendezvous on its own node (not the driver's), on a port it holds
+        master_addr, master_port = group._wait([workers[0].open_rendezvous.remote()], "open_rendezvous")[0]
+        group.call("setup", master_addr, master_port)
         return group
 
     def call(self, method: str, *args, **kwargs) -> Any:
@@ -661,7 +665,7 @@ class RolloutFleet:
         def start(j: int) -> list:
             slots = plan.replicas[j]
             addr, port = (placement.rendezvous(slots[0].group, slots[0].bundle) if len(slots) > 1
-                          else (None, _free_port()))
+                          else (None, 0))  # one rank: no rendezvous
             return [remote.options(**placement.options(s)).remote(
                 model_path, rc, max_len, run_dir, dtype, j, s.tp_rank, len(slots), addr, port) for s in slots]
 

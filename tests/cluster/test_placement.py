@@ -17,6 +17,7 @@ from megatron_denoise.placement import (
     PlacementPlan,
     Slot,
     plan_placement,
+    quiet_port,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +72,25 @@ def old_layout_plan() -> PlacementPlan:
     eng = ((Slot("rollout", 0, 0, 0, 0, 0.01, 0.0),),)
     return PlacementPlan(world_size=2, gpus_per_node=2, rollout_tp=1, colocate=True, gpu=True,
                          groups=(({"CPU": 1.0, "GPU": 1.0},) * 2,), group_roles=("policy",), policy=pol, replicas=eng)
+
+
+def test_quiet_port_is_free_and_below_the_ephemeral_range(monkeypatch):
+    """A TP engine's rendezvous port: bindable, from 20000 up to where the node's ephemeral range
+    (the OS's pick for outgoing connections and port 0) starts; the OS's pick when no room is left."""
+    import socket
+
+    import megatron_denoise.placement as placement
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_from, ephemeral_to = (int(v) for v in f.read().split())
+    ports = {quiet_port() for _ in range(20)}
+    assert all(20000 <= p < ephemeral_from for p in ports), (sorted(ports), ephemeral_from)
+    assert len(ports) > 1  # random picks: two jobs on a node do not walk the same sequence
+    for p in ports:
+        with socket.socket() as sk:
+            sk.bind(("", p))
+    monkeypatch.setattr(placement, "QUIET_PORTS_FROM", ephemeral_from - 10)
+    assert ephemeral_from <= quiet_port() <= ephemeral_to
 
 
 def test_old_layout_is_refused_by_the_plan_check():
