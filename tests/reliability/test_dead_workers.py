@@ -42,12 +42,12 @@ def stack(tmp_path_factory):
     saved_env = dict(os.environ)  # ray.init sets RAY_AUTH_MODE in this process; later tests start
     os.environ["MDN_RAY_TMPDIR"] = f"/tmp/mdnray-dead-{os.getpid()}"  # clusters from this environment
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init_ray(cfg, str(run))
-    policy = PolicyGroup.create(cfg, hf)
-    fleet = RolloutFleet.create(cfg, hf, str(run), policy)
-    policy.refit(fleet)
-    yield cfg, policy, fleet
-    try:
+    try:  # also when the set-up fails: the environment is restored (a CI run once left
+        init_ray(cfg, str(run))  # RAY_AUTH_MODE=token behind for the Slurm tests after it)
+        policy = PolicyGroup.create(cfg, hf)
+        fleet = RolloutFleet.create(cfg, hf, str(run), policy)
+        policy.refit(fleet)
+        yield cfg, policy, fleet
         fleet.close()
         policy.shutdown()
     finally:

@@ -69,7 +69,10 @@ class SlurmCluster:
                nodes: int = 1, time_limit: str = "10", extra: list[str] | None = None) -> Job:
         """Submit slurm/<script> as a user would; the job's output goes to workdir."""
         workdir.mkdir(parents=True, exist_ok=True)
-        job_env = dict(self.env, **(env or {}))
+        # as from a login shell: nothing of a Ray session this test process may have joined
+        # (ray.init leaves RAY_AUTH_MODE behind; the script makes its own token unless it is set)
+        job_env = {k: v for k, v in self.env.items() if not k.startswith("RAY_")}
+        job_env.update(env or {})
         # Our tests use short time limits: keep the TERM-before-limit grace shorter than them.
         cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--time={time_limit}", f"--chdir={workdir}",
                "--signal=B:TERM@20", *(extra or []), str(SLURM_DIR / script), *args]
