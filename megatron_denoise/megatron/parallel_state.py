@@ -83,7 +83,9 @@ def host_store(world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
     """The rendezvous store, served by this process on a port the OS picks while binding it
     (`.port`). A port probed free and bound later can be taken in between by any outgoing
     connection on the node (Ray opens many): the group's rank 0, or a parent that spawns the
-    ranks, hosts the store instead and hands out its port."""
+    ranks, hosts the store instead and hands out its port. Serve one group with it: torch wraps
+    only its own rendezvous in PrefixStore("default_pg") (torch 2.13, init_process_group), so the
+    default group's keys sit in a given store unprefixed."""
     return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                          timeout=datetime.timedelta(minutes=timeout_minutes))
 
