@@ -213,7 +213,7 @@ def _model_numbers(cfg):
     d_kv = m.num_query_groups * m.kv_channels
     per_layer = m.hidden_size * (d_attn + 2 * d_kv) + d_attn * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
     n_matmul = m.num_layers * per_layer + m.vocab_size * m.hidden_size  # LM head (tied: counted once)
-    return {"n_matmul": float(n_matmul), "layers": m.num_layers, "d_attn": d_attn, "hidden": m.hidden_size,
+    return {"n_matmul": float(n_matmul), "head": float(m.vocab_size * m.hidden_size), "layers": m.num_layers, "d_attn": d_attn, "hidden": m.hidden_size,
             "ffn": m.ffn_hidden_size, "qkv": d_attn + 2 * d_kv, "vocab": m.vocab_size,
             "weight_bytes": 4.0 * (n_matmul + 2 * m.num_layers * m.hidden_size)}
 
@@ -291,7 +291,8 @@ def run_model(name, args, overrides, with_hf=True):
     ctx = StepContext(cfg=cfg, policy=policy, engine=fleet, scorer=scorer, problems=FixedProblems(problems),
                       tokenizer=tok, prompt_ids=prompt_ids, decode=hf_decoder(tok), pad_id=tok.pad_token_id or 0)
     result = {"model": name, "config": str(MODELS[name].relative_to(REPO)), "overrides": list(overrides),
-              "setup_s": setup_s, "n_matmul_params": mn["n_matmul"], "steps": {}}
+              "setup_s": setup_s, "n_matmul_params": mn["n_matmul"], "steps": {},
+              "loss_tokens_only": bool(cfg.trainer.loss_tokens_only)}
     try:
         step = 0
         # warm-up: the first-call costs of every phase, and of the actor's second train step, which in
@@ -373,7 +374,10 @@ def summarise(res, mn):
         m["logprob_inner"] = _mean(sum(c["seconds"] for c in r["policy"]["compute_logprobs"]) for r in recs)
         m["train_inner"] = _mean(sum(c["seconds"] for c in r["policy"]["update"]) for r in recs)
         m["ray_batch"] = (m["generate"] - m["gen_inner"]) + (m["old_logprob"] - m["logprob_inner"]) + (m["train"] - m["train_inner"])
-        tr_flop = sum(6 * mn["n_matmul"] * c["tokens"] + 6 * mn["layers"] * mn["d_attn"] * c["sum_sq"] for c in up)
+        # trainer.loss_tokens_only: the update's output layer runs on the loss tokens only
+        head_tokens = "loss_tokens" if res.get("loss_tokens_only") else "tokens"
+        tr_flop = sum(6 * (mn["n_matmul"] - mn["head"]) * c["tokens"] + 6 * mn["head"] * c[head_tokens]
+                      + 6 * mn["layers"] * mn["d_attn"] * c["sum_sq"] for c in up)
         lp_flop = sum(2 * mn["n_matmul"] * c["tokens"] + 2 * mn["layers"] * mn["d_attn"] * c["sum_sq"] for c in lp)
         m["train_tokens"] = _mean(c["tokens"] for c in up)
         m["loss_tokens"] = _mean(c["loss_tokens"] for c in up)

@@ -76,6 +76,8 @@ def main(argv=None) -> None:
     sq = float((lens.double() ** 2).sum())
     lp_flop = 2 * mn["n_matmul"] * T + 2 * mn["layers"] * mn["d_attn"] * sq
     tr_flop = 3 * lp_flop
+    if cfg.trainer.loss_tokens_only:  # the update's output layer runs on the loss tokens only
+        tr_flop -= 6 * mn["head"] * (T - float(lm.sum()))
     m = int(min(int(cfg.trainer.micro_batch_tokens), T))
     rate = _matmul_rate([(m, mn["hidden"], mn["qkv"]), (m, mn["d_attn"], mn["hidden"]), (m, mn["hidden"], 2 * mn["ffn"]),
                          (m, mn["ffn"], mn["hidden"]), (m, mn["hidden"], mn["vocab"])])

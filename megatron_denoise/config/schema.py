@@ -518,6 +518,11 @@ class TrainerConfig:
                                         "no KL and no mismatch correction, the mismatch metrics take the log-probs "
                                         "of the update's own forward pass (the same weights) instead of a separate "
                                         "old-log-prob forward; false: the separate forward (the old path)")
+    loss_tokens_only: bool = f(True, "The policy loss's output layer (logits, log-probs, entropy and their "
+                                     "gradient) runs on the loss tokens only, not on prompt and prefix tokens, "
+                                     "which add exactly 0 to the loss; the log-probs an update returns "
+                                     "(logprobs_from_train) are then 0 outside the loss mask. false: every "
+                                     "packed token (the old path)")
     seed: int = f(1, "Model init / dropout seed")
     test_freq: int = f(10, "Validate every n steps (0: never)")
     val_before_train: bool = f(False, "Validate once before the first step (not on resume): the before-RL baseline")

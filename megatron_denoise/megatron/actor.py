@@ -360,7 +360,8 @@ class MegatronActor:
         update), num_micro_batches, loss_tokens, step_time_s.
         logprobs_out: a zero [rows, W] float64 tensor that receives the log-probs of this update's
         forward pass (the weights BEFORE the update; token-aligned like compute_logprobs, identical
-        on every rank): the same numbers compute_logprobs would give, without a second forward.
+        on every rank): the same numbers compute_logprobs would give, without a second forward, at
+        the loss tokens (trainer.loss_tokens_only: 0 elsewhere; false: at every token).
         """
         algo = algo or self.cfg.algorithm
         if batch.advantages is None or batch.loss_mask is None:
@@ -385,7 +386,8 @@ class MegatronActor:
                 None if algo.force_on_policy else mb.old_logprobs,
                 tp_group=self.groups.tp, algo=algo, global_num_tokens=n_tok, global_num_seqs=n_seq,
                 seq_ids=mb.seq_ids, seq_num_tokens=mb.seq_num_tokens, ref_logprobs=mb.ref_logprobs,
-                is_weights=mb.is_weights, loss_norm_tokens=norm_tokens, impl=self.loss_impl)
+                is_weights=mb.is_weights, loss_norm_tokens=norm_tokens, impl=self.loss_impl,
+                loss_tokens_only=self.cfg.trainer.loss_tokens_only)
             if logprobs_out is not None and self._reports():
                 batching.scatter_back(lp, mb, logprobs_out)
             if self._reports():

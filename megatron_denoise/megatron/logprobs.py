@@ -159,6 +159,7 @@ def policy_loss_from_hidden(
     is_weights: Optional[torch.Tensor] = None,
     loss_norm_tokens: Optional[float] = None,
     impl: LossImpl = LossImpl.FUSED,
+    loss_tokens_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Loss of T packed tokens from hidden [T, H] and the vocab shard weight [V_local, H].
 
@@ -172,7 +173,38 @@ def policy_loss_from_hidden(
     both take the core loss's keywords, built once here.
     is_weights [T]: detached per-token weights of the policy term (truncated IS), or None.
     loss_norm_tokens: the Dr. GRPO constant (seq-mean-token-sum-norm).
+    loss_tokens_only (trainer.loss_tokens_only): the output layer runs on the tokens of loss_mask
+    only (prompts and prefixes need no logits); log-probs and entropy are then 0 elsewhere. The loss
+    and every gradient are those of all T tokens (a masked token adds exactly 0 to either).
     """
+    T = hidden.shape[0]
+    rows = loss_token_rows(loss_mask) if loss_tokens_only else None
+    if rows is not None:
+        hidden, targets, loss_mask, advantages, old_logprobs, seq_ids, ref_logprobs, is_weights = (
+            None if x is None else x.index_select(0, rows)
+            for x in (hidden, targets, loss_mask, advantages, old_logprobs, seq_ids, ref_logprobs, is_weights))
+    loss, logp, ent, metrics = _policy_loss(
+        hidden, weight, vocab_start, vocab_size, targets, loss_mask, advantages, old_logprobs, tp_group=tp_group,
+        algo=algo, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
+        seq_num_tokens=seq_num_tokens, ref_logprobs=ref_logprobs, is_weights=is_weights,
+        loss_norm_tokens=loss_norm_tokens, impl=impl)
+    if rows is not None:
+        logp, ent = (torch.zeros(T, dtype=x.dtype, device=x.device).index_copy_(0, rows, x) for x in (logp, ent))
+    return loss, logp, ent, metrics
+
+
+def loss_token_rows(loss_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Positions of the loss tokens [n] when some, but not all, of the T tokens carry loss; else
+    None (nothing to drop, or nothing left: an all-masked micro-batch keeps its T tokens, so that
+    every rank still runs the same kernel calls and collectives)."""
+    rows = torch.nonzero(loss_mask != 0).squeeze(1)
+    return rows if 0 < rows.numel() < loss_mask.numel() else None
+
+
+def _policy_loss(hidden, weight, vocab_start, vocab_size, targets, loss_mask, advantages, old_logprobs, *,
+                 tp_group, algo, global_num_tokens, global_num_seqs, seq_ids, seq_num_tokens, ref_logprobs,
+                 is_weights, loss_norm_tokens, impl):
+    """policy_loss_from_hidden on the tokens it was given."""
     from megatron_denoise.config.schema import KLUse
 
     kl_coef = algo.kl.coef if (ref_logprobs is not None and algo.kl.use == KLUse.LOSS) else 0.0

@@ -471,27 +471,41 @@ def attention_paths(workdir: str, model: str = "dense", lay: dict | None = None)
 def train_logprobs(workdir: str, lay: dict | None = None, loss_impl: str = "fused") -> dict:
     """update(return_logprobs=True) (trainer.logprobs_from_train): the log-probs of the update's own
     forward pass vs compute_logprobs with the same weights just before it, and the update itself
-    vs a plain update from the same weights."""
+    vs a plain update from the same weights; each with the output layer on the loss tokens only
+    (trainer.loss_tokens_only, the default) and on every token."""
+    lay_ = layout(dist.get_world_size(), **(lay or {}))
+    res = {}
+    for only in (True, False):
+        cfg = run_config("dense")
+        cfg.algorithm.force_on_policy = True
+        cfg.trainer.loss_tokens_only = only
+        actor = make_actor(cfg, lay_, loss_impl=loss_impl)
+        _load_ref(actor, workdir)
+        batch = make_batch()
+        before, _ = actor.compute_logprobs(batch)
+        m = actor.update(batch, return_logprobs=True)[0]
+        res[only] = (before, actor.last_logprobs, m, [w.clone() for w in _weights(actor)])
+        ps.teardown()
     cfg = run_config("dense")
     cfg.algorithm.force_on_policy = True
-    lay_ = layout(dist.get_world_size(), **(lay or {}))
-    actor = make_actor(cfg, lay_, loss_impl=loss_impl)
-    _load_ref(actor, workdir)
-    batch = make_batch()
-    before, _ = actor.compute_logprobs(batch)
-    m1 = actor.update(batch, return_logprobs=True)[0]
-    fused = actor.last_logprobs
-    w1 = [w.clone() for w in _weights(actor)]
-    ps.teardown()
     plain_actor = make_actor(cfg, lay_, loss_impl=loss_impl)
     _load_ref(plain_actor, workdir)
-    m2 = plain_actor.update(batch)[0]
-    w2 = _weights(plain_actor)
+    m_plain = plain_actor.update(batch)[0]
+    w_plain = _weights(plain_actor)
     lm = batch.loss_mask.bool()
-    return {"max_diff": float((fused - before).abs().max()), "max_diff_loss_tokens": float((fused - before)[lm].abs().max()),
-            "nonzero": int((fused != 0).sum()), "expected_nonzero": int((before != 0).sum()),
-            "loss_diff": abs(m1["loss"] - m2["loss"]),
-            "weight_diff": max(float((a - b).abs().max()) for a, b in zip(w1, w2))}
+    out = {}
+    for only, tag in ((True, "only"), (False, "every")):
+        before, fused, m, w = res[only]
+        out[tag] = {"max_diff_all": float((fused - before).abs().max()),
+                    "max_diff_loss_tokens": float((fused - before)[lm].abs().max()),
+                    "nonzero": int((fused != 0).sum()), "nonzero_all": int((before != 0).sum()),
+                    "nonzero_loss_tokens": int(((before != 0) & lm).sum()),
+                    "zero_outside_loss": bool((fused[~lm] == 0).all())}
+    out["plain_vs_only"] = {"loss": abs(res[True][2]["loss"] - m_plain["loss"]),
+                            "weights": max(float((a - b).abs().max()) for a, b in zip(res[True][3], w_plain))}
+    out["only_vs_every"] = {"loss": abs(res[True][2]["loss"] - res[False][2]["loss"]),
+                            "weights": max(float((a - b).abs().max()) for a, b in zip(res[True][3], res[False][3]))}
+    return out
 
 
 @check

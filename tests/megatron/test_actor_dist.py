@@ -217,11 +217,17 @@ def test_segment_attention_equals_the_masked_attention(l1, model):
 @pytest.mark.parametrize("impl", ["fused", "torch"])
 def test_update_returns_its_forward_logprobs(l1, impl):
     """trainer.logprobs_from_train: the update's own forward gives compute_logprobs' numbers (same
-    weights), and asking for them changes nothing in the update."""
+    weights) at the loss tokens, and asking for them changes nothing in the update.
+    trainer.loss_tokens_only (the default) runs the output layer on the loss tokens only: the
+    log-probs are 0 elsewhere and the update equals the one over every token; false gives the
+    log-probs of every token."""
     r = ok(l1, f"train_logprobs_{impl}")
-    assert r["nonzero"] == r["expected_nonzero"] > 0
-    assert r["max_diff"] < TOL
-    assert r["loss_diff"] == 0.0 and r["weight_diff"] == 0.0
+    only, every = r["only"], r["every"]
+    assert 0 < only["nonzero"] == only["nonzero_loss_tokens"] < only["nonzero_all"]
+    assert only["zero_outside_loss"] and only["max_diff_loss_tokens"] < TOL
+    assert every["nonzero"] == every["nonzero_all"] > 0 and every["max_diff_all"] < TOL
+    assert r["plain_vs_only"]["loss"] == 0.0 and r["plain_vs_only"]["weights"] == 0.0
+    assert r["only_vs_every"]["loss"] < TOL and r["only_vs_every"]["weights"] < TOL
 
 
 def test_moe_aux_loss_reaches_router_gradients(l1):
