@@ -74,12 +74,16 @@ class ProcessGroups:
         return self.pp_rank == self.layout.pp - 1
 
 
+# how long a rank waits for the others at the rendezvous and in a collective (torch's default too)
+RENDEZVOUS_TIMEOUT_MINUTES = 30
+
+
 def _layout_value(layout: Any, name: str, default: Any) -> Any:
     v = getattr(layout, name, default)
     return default if v is None else v
 
 
-def host_store(world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
+def host_store(world_size: int, timeout_minutes: int = RENDEZVOUS_TIMEOUT_MINUTES) -> dist.TCPStore:
     """The rendezvous store, served by this process on a port the OS picks while binding it
     (`.port`). A port probed free and bound later can be taken in between by any outgoing
     connection on the node (Ray opens many): the group's rank 0, or a parent that spawns the
@@ -90,13 +94,13 @@ def host_store(world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
                          timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def join_store(addr: str, port: int, world_size: int, timeout_minutes: int = 30) -> dist.TCPStore:
+def join_store(addr: str, port: int, world_size: int, timeout_minutes: int = RENDEZVOUS_TIMEOUT_MINUTES) -> dist.TCPStore:
     """A client of the store another process hosts (host_store) at addr:port."""
     return dist.TCPStore(addr, int(port), world_size, is_master=False,
                          timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
+def init_distributed(backend: str = "auto", timeout_minutes: int = RENDEZVOUS_TIMEOUT_MINUTES,
                      store: Optional[dist.Store] = None) -> None:
     """Initialise torch.distributed if not done yet: through `store` (host_store/join_store; RANK
     and WORLD_SIZE from the environment) or, without one, from the torchrun environment."""
@@ -127,7 +131,7 @@ def process_group_backend(backend: str, cuda: bool) -> str:
 
 
 def initialize(layout: Any, *, backend: str = "auto", seed: int = 1,
-               timeout_minutes: int = 30, store: Optional[dist.Store] = None) -> ProcessGroups:
+               timeout_minutes: int = RENDEZVOUS_TIMEOUT_MINUTES, store: Optional[dist.Store] = None) -> ProcessGroups:
     """Build megatron's process groups for `layout` and seed the RNG tracker.
 
     `layout` is a ParallelLayout (megatron_denoise.layout) or any object with tp, pp, vpp, cp, ep,

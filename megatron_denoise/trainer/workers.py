@@ -125,8 +125,9 @@ class PolicyWorkerImpl:
         cfg_dict, rank, world_size, hf_path = self._args
         # Ray gives each rank's actor exactly one visible GPU (CUDA_VISIBLE_DEVICES), so the local
         # device index is always 0; a rank-derived LOCAL_RANK would select a device it cannot see
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        # (RANK and WORLD_SIZE are what init_process_group reads beside the store; no MASTER_ADDR:
+        # the rendezvous is the store rank 0 serves at master_addr:master_port)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
