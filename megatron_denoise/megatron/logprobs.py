@@ -195,8 +195,8 @@ def policy_loss_from_hidden(
 
 def loss_token_rows(loss_mask: torch.Tensor) -> Optional[torch.Tensor]:
     """Positions of the loss tokens [n] when some, but not all, of the T tokens carry loss; else
-    None (nothing to drop, or nothing left: an all-masked micro-batch keeps its T tokens, so that
-    every rank still runs the same kernel calls and collectives)."""
+    None (nothing to drop, or nothing left: an all-masked micro-batch keeps its T tokens rather
+    than handing the kernels an empty one). Every TP rank holds the same mask, so the same rows."""
     rows = torch.nonzero(loss_mask != 0).squeeze(1)
     return rows if 0 < rows.numel() < loss_mask.numel() else None
 
