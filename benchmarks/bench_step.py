@@ -213,8 +213,8 @@ def _model_numbers(cfg):
     d_kv = m.num_query_groups * m.kv_channels
     per_layer = m.hidden_size * (d_attn + 2 * d_kv) + d_attn * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
     n_matmul = m.num_layers * per_layer + m.vocab_size * m.hidden_size  # LM head (tied: counted once)
-    return {"n_matmul": float(n_matmul), "head": float(m.vocab_size * m.hidden_size), "layers": m.num_layers, "d_attn": d_attn, "hidden": m.hidden_size,
-            "ffn": m.ffn_hidden_size, "qkv": d_attn + 2 * d_kv, "vocab": m.vocab_size,
+    return {"n_matmul": float(n_matmul), "head": float(m.vocab_size * m.hidden_size), "layers": m.num_layers,
+            "d_attn": d_attn, "hidden": m.hidden_size, "ffn": m.ffn_hidden_size, "qkv": d_attn + 2 * d_kv, "vocab": m.vocab_size,
             "weight_bytes": 4.0 * (n_matmul + 2 * m.num_layers * m.hidden_size)}
 
 

@@ -159,7 +159,7 @@ def policy_loss_from_hidden(
     is_weights: Optional[torch.Tensor] = None,
     loss_norm_tokens: Optional[float] = None,
     impl: LossImpl = LossImpl.FUSED,
-    loss_tokens_only: bool = True,
+    loss_tokens_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Loss of T packed tokens from hidden [T, H] and the vocab shard weight [V_local, H].
 
@@ -173,7 +173,7 @@ def policy_loss_from_hidden(
     both take the core loss's keywords, built once here.
     is_weights [T]: detached per-token weights of the policy term (truncated IS), or None.
     loss_norm_tokens: the Dr. GRPO constant (seq-mean-token-sum-norm).
-    loss_tokens_only (trainer.loss_tokens_only): the output layer runs on the tokens of loss_mask
+    loss_tokens_only (trainer.loss_tokens_only, passed by the caller): the output layer runs on the tokens of loss_mask
     only (prompts and prefixes need no logits); log-probs and entropy are then 0 elsewhere. The loss
     and every gradient are those of all T tokens (a masked token adds exactly 0 to either).
     """
